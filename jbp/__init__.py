@@ -1,0 +1,33 @@
+"""jbp: backpropagation by hand and by ``jax.grad``, side by side.
+
+A network is a :class:`Layer` of pure functions (``init``, ``forward``, ``backward``,
+``apply``). Every layer's ``backward`` is written by hand in ``jax.numpy``; the same
+forward is also differentiated by ``jax.grad``. Both gradients share one signature,
+``(params, x, y) -> (loss, grads)``, so either can drive training or a benchmark.
+
+>>> import jax, jbp
+>>> model = jbp.mlp([4, 8, 3], activation="tanh")
+>>> _, params = model.init(jax.random.key(0), (4,))
+>>> x, y = jax.numpy.ones((2, 4)), jax.numpy.array([0, 2])
+>>> loss = jbp.losses.softmax_cross_entropy
+>>> manual = jbp.manual_value_and_grad(model, loss)(params, x, y)[1]
+>>> auto = jbp.autodiff_value_and_grad(model, loss)(params, x, y)[1]
+>>> jbp.compare_grads(manual, auto).ok
+True
+"""
+
+from jbp import activations, losses
+from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
+                             softplus, tanh)
+from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
+                       numerical_value_and_grad)
+from jbp.dense import dense
+from jbp.dropout import dropout
+from jbp.flatten import flatten
+from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
+from jbp.layer import Layer
+from jbp.losses import Loss
+from jbp.maxout import maxout
+from jbp.serial import mlp, serial
+
+__version__ = "0.1.0"

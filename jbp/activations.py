@@ -1,0 +1,120 @@
+"""Element-wise activations, each written next to its derivative.
+
+Lecture map: the hidden-layer case ∂C/∂z = σ′(z) · ∂C/∂a. Every activation is built by
+:func:`elementwise` from ``σ`` and ``σ′(z, a)``; the derivative may use the input ``z``
+or the output ``a = σ(z)``, whichever is simpler (the sigmoid's is ``a (1 − a)``).
+
+Shapes: any ``x (B, ...)``; ``y`` has the shape of ``x``; cache ``(z, a)``.
+"""
+
+import math
+
+import jax.numpy as jnp
+from jax.scipy.special import erf
+
+from jbp.layer import Layer, as_shape, check_empty_params
+
+
+def elementwise(name: str, sigma, dsigma) -> Layer:
+    """A weightless layer ``a = sigma(z)`` whose backward is ``dz = dsigma(z, a) * da``."""
+
+    def init(key, in_shape):
+        return as_shape(in_shape, name), {}
+
+    def forward(params, z, **_):
+        check_empty_params(params, name)
+        a = sigma(z)
+        return a, (z, a)
+
+    def backward(params, cache, da):
+        z, a = cache
+        return {}, dsigma(z, a) * da
+
+    return Layer(name, init, forward, backward)
+
+
+def _sigmoid(z):
+    # 0.5 (1 + tanh(z/2)) is the logistic function without overflow for large |z|.
+    return 0.5 * (1.0 + jnp.tanh(0.5 * z))
+
+
+def _softplus(z):
+    return jnp.logaddexp(z, 0.0)
+
+
+def _phi(z):
+    """Standard normal CDF Φ(z)."""
+    return 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+
+
+def identity() -> Layer:
+    return elementwise("identity", lambda z: z, lambda z, a: jnp.ones_like(z))
+
+
+def sigmoid() -> Layer:
+    return elementwise("sigmoid", _sigmoid, lambda z, a: a * (1 - a))
+
+
+def tanh() -> Layer:
+    return elementwise("tanh", jnp.tanh, lambda z, a: 1 - a * a)
+
+
+def relu() -> Layer:
+    return elementwise("relu", lambda z: jnp.maximum(z, 0), lambda z, a: (z > 0).astype(z.dtype))
+
+
+def leaky_relu(negative_slope: float = 0.01) -> Layer:
+    s = negative_slope
+    return elementwise(f"leaky_relu({s})",
+                       lambda z: jnp.where(z >= 0, z, s * z),
+                       lambda z, a: jnp.where(z >= 0, 1.0, s).astype(z.dtype))
+
+
+def elu(alpha: float = 1.0) -> Layer:
+    # a = alpha (e^z - 1) for z <= 0, so σ′ = a + alpha there.
+    return elementwise(f"elu({alpha})",
+                       lambda z: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.minimum(z, 0))),
+                       lambda z, a: jnp.where(z > 0, 1.0, a + alpha).astype(z.dtype))
+
+
+def gelu() -> Layer:
+    """Exact GELU, z·Φ(z); σ′ = Φ(z) + z·φ(z)."""
+    inv_sqrt_2pi = 1.0 / math.sqrt(2.0 * math.pi)
+    return elementwise("gelu", lambda z: z * _phi(z),
+                       lambda z, a: _phi(z) + z * inv_sqrt_2pi * jnp.exp(-0.5 * z * z))
+
+
+def softplus() -> Layer:
+    return elementwise("softplus", _softplus, lambda z, a: _sigmoid(z))
+
+
+def silu() -> Layer:
+    """SiLU (swish), z·s(z); σ′ = s (1 + z (1 − s))."""
+
+    def dsilu(z, a):
+        s = _sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    return elementwise("silu", lambda z: z * _sigmoid(z), dsilu)
+
+
+ACTIVATIONS = {
+    "identity": identity,
+    "sigmoid": sigmoid,
+    "tanh": tanh,
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+    "elu": elu,
+    "gelu": gelu,
+    "softplus": softplus,
+    "silu": silu,
+}
+
+
+def get(name) -> Layer:
+    """The activation layer called ``name`` (a Layer passes through unchanged)."""
+    if isinstance(name, Layer):
+        return name
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()

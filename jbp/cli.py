@@ -1,0 +1,67 @@
+"""What every experiment script shares: its flags, the device choice, its output folder.
+
+Each script in ``experiments/`` takes ``--quick`` (seconds, for the tests), ``--seed``,
+``--out DIR`` and ``--platform {cpu,gpu,tpu}``, prints the device it runs on, and writes
+``results.json`` plus PNG plots into ``--out``.
+"""
+
+import argparse
+import os
+import platform as _platform
+from pathlib import Path
+
+import jax
+import jaxlib
+
+
+def experiment_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the flags every experiment has."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny configuration that runs in seconds (used by the tests)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    parser.add_argument("--out", type=Path, default=Path(default_out),
+                        help="folder for results.json and the PNG plots")
+    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
+                        help="JAX backend to run on (default: what JAX finds first)")
+    return parser
+
+
+def select_platform(name: str | None) -> jax.Device:
+    """Make ``name``'s first device the default one and return it.
+
+    Raises a ValueError naming the backends that exist when ``name`` is not available.
+    """
+    if name is None:
+        return jax.devices()[0]
+    try:
+        device = jax.devices(name)[0]
+    except RuntimeError:
+        available = sorted({d.platform for d in jax.devices()})
+        raise ValueError(f"--platform {name}: no such backend here; available: "
+                         f"{', '.join(available)}") from None
+    jax.config.update("jax_default_device", device)
+    return device
+
+
+def device_info(device: jax.Device) -> dict:
+    """What ran the experiment, for results.json and the printed header."""
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "cpu_count": os.cpu_count(),
+        "processor": _platform.processor() or _platform.machine(),
+    }
+
+
+def plt():
+    """matplotlib.pyplot with a non-interactive backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot

@@ -1,0 +1,48 @@
+"""Maxout: the maximum over groups of ``k`` consecutive features.
+
+Lecture map: a maxout network learns its own piecewise-linear activation. Put it after a
+``dense(k * units)``: each unit outputs the largest of its ``k`` pre-activations, so the
+gradient flows only to the element that won (ties share it equally, as ``jnp.max`` does).
+
+Shapes: ``z (B, ..., k·m) -> a (B, ..., m)``; cache ``z``.
+"""
+
+import jax.numpy as jnp
+
+from jbp.layer import Layer, as_shape, check_empty_params
+
+
+def maxout(k: int = 2) -> Layer:
+    """Maxout over groups of ``k`` consecutive features of the last axis."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"maxout: k (the group size) must be a positive int, got {k!r}")
+    who = f"maxout({k})"
+
+    def check_width(n):
+        if n % k:
+            raise ValueError(f"{who}: the last axis ({n} features) must be divisible by k={k}")
+
+    def init(key, in_shape):
+        shape = as_shape(in_shape, who)
+        if not shape:
+            raise ValueError(f"{who}: expects at least one feature axis, got per-example shape ()")
+        check_width(shape[-1])
+        return shape[:-1] + (shape[-1] // k,), {}
+
+    def grouped(z):
+        return z.reshape(z.shape[:-1] + (z.shape[-1] // k, k))
+
+    def forward(params, z, **_):
+        check_empty_params(params, who)
+        if z.ndim < 2:
+            raise ValueError(f"{who}: expected input (batch, ..., features), got shape {tuple(z.shape)}")
+        check_width(z.shape[-1])
+        return jnp.max(grouped(z), axis=-1), z
+
+    def backward(params, z, da):
+        zg = grouped(z)
+        winners = (zg == jnp.max(zg, axis=-1, keepdims=True)).astype(z.dtype)
+        share = winners / jnp.sum(winners, axis=-1, keepdims=True)
+        return {}, (share * da[..., None]).reshape(z.shape)
+
+    return Layer(who, init, forward, backward)
