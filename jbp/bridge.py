@@ -1,0 +1,123 @@
+"""The custom_vjp bridge: a model whose JAX derivative *is* the hand-written backward.
+
+``as_custom_vjp(model)`` returns ``apply(params, x, *, key=None, train=False)``, a
+``jax.custom_vjp`` function: its forward rule is ``model.forward`` (the residuals are the
+layers' caches, plus ``params``), its backward rule is ``model.backward``. So plain
+``jax.grad``, ``jax.jit``, ``jax.vmap`` and any optax loop run the manual backward, and
+``jax.test_util.check_grads(apply, ..., modes=["rev"])`` checks it from outside. Second
+derivatives (``order=2``) differentiate the backward itself, which is ``jax.numpy``.
+
+Residuals of a ``custom_vjp`` must be arrays, but some caches hold static Python data
+(flatten keeps the input's shape, evaluation-mode dropout keeps ``None``). Non-array leaves
+are wrapped in :class:`_Static`, a pytree node without leaves: the value travels in the
+residuals' tree structure, which JAX hands back to the backward rule unchanged.
+
+>>> import jax, jax.numpy as jnp, jbp
+>>> model = jbp.mlp([3, 4, 2], activation="tanh")
+>>> _, params = model.init(jax.random.key(0), (3,))
+>>> apply = jbp.as_custom_vjp(model)
+>>> g = jax.grad(lambda p: jnp.sum(apply(p, jnp.ones((5, 3))) ** 2))(params)
+>>> g[0]["W"].shape
+(3, 4)
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jbp.layer import Layer
+
+
+@dataclass(frozen=True)
+class _Static:
+    """A hashable non-array cache value, carried in a pytree's structure (no leaves)."""
+
+    value: Any
+
+
+jax.tree_util.register_static(_Static)
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, jax.core.Tracer))
+
+
+def _hide_static(cache):
+    """Wrap every non-array leaf of ``cache`` in :class:`_Static`."""
+    return jax.tree_util.tree_map(lambda leaf: leaf if _is_array(leaf) else _Static(leaf), cache)
+
+
+def _unhide_static(cache):
+    return jax.tree_util.tree_map(lambda leaf: leaf.value if isinstance(leaf, _Static) else leaf,
+                                  cache, is_leaf=lambda leaf: isinstance(leaf, _Static))
+
+
+def _check_like(who: str, what: str, got, expected) -> None:
+    """Raise a ValueError unless the pytrees ``got`` and ``expected`` match in structure,
+    shapes and dtypes (``expected`` may hold arrays or ShapeDtypeStructs)."""
+    tree_g, tree_e = jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(expected)
+    if tree_g != tree_e:
+        raise ValueError(f"{who}: {what} has structure {tree_g}, expected {tree_e}")
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, e), g in zip(paths, jax.tree_util.tree_leaves(got)):
+        if tuple(g.shape) != tuple(e.shape) or jnp.result_type(g) != jnp.result_type(e):
+            where = jax.tree_util.keystr(path)
+            raise ValueError(f"{who}: {what}{where} has shape {tuple(g.shape)} and dtype "
+                             f"{jnp.result_type(g)}, expected shape {tuple(e.shape)} and dtype "
+                             f"{jnp.result_type(e)}")
+
+
+def as_custom_vjp(model: Layer):
+    """``model.apply`` as a ``jax.custom_vjp`` whose VJP is ``model.backward``.
+
+    Returns ``apply(params, x, *, key=None, train=False) -> y``: ``x (B, *in_shape)``,
+    ``y (B, *out_shape)``, exactly ``model.apply``'s value. Under ``jax.grad``/``jax.vjp``
+    the cotangent of ``y`` (shape and dtype of ``y``) goes through the hand-written
+    backward; ``key`` gets no cotangent. The raw rules are attached as ``apply.fwd(params,
+    x, key, train) -> (y, residuals)`` and ``apply.bwd(residuals, dy) -> (dparams, dx,
+    None)``; ``bwd`` raises a ValueError for a cotangent whose shape or dtype is not ``y``'s,
+    and for a backward whose gradients are not shaped like ``params`` and ``x``.
+    """
+    if not isinstance(model, Layer):
+        raise TypeError(f"as_custom_vjp: model must be a jbp Layer, got {type(model).__name__}")
+    who = f"as_custom_vjp({model.name})"
+
+    def fwd(params, x, key, train):
+        y, cache = model.forward(params, x, key=key, train=train)
+        spec = _Static((jax.ShapeDtypeStruct(y.shape, y.dtype),
+                        jax.ShapeDtypeStruct(x.shape, x.dtype)))
+        return y, (params, _hide_static(cache), spec)
+
+    def bwd(residuals, dy):
+        params, cache, spec = residuals
+        y_spec, x_spec = spec.value
+        if not hasattr(dy, "shape"):
+            raise TypeError(f"{who}: the cotangent must be an array, got {type(dy).__name__}")
+        if tuple(dy.shape) != tuple(y_spec.shape) or jnp.result_type(dy) != y_spec.dtype:
+            raise ValueError(f"{who}: cotangent of the output has shape {tuple(dy.shape)} and "
+                             f"dtype {jnp.result_type(dy)}, expected the output's shape "
+                             f"{tuple(y_spec.shape)} and dtype {y_spec.dtype}")
+        dparams, dx = model.backward(params, _unhide_static(cache), dy)
+        _check_like(who, "the backward's dparams", dparams, params)
+        _check_like(who, "the backward's dx", dx, x_spec)
+        return dparams, dx, None
+
+    def make(train: bool):
+        @jax.custom_vjp
+        def apply(params, x, key):
+            return model.apply(params, x, key=key, train=train)
+
+        apply.defvjp(lambda params, x, key: fwd(params, x, key, train), bwd)
+        return apply
+
+    rules = {False: make(False), True: make(True)}
+
+    def apply(params, x, *, key=None, train=False):
+        return rules[bool(train)](params, x, key)
+
+    apply.fwd = fwd
+    apply.bwd = bwd
+    apply.__doc__ = f"{model.name}.apply with its hand-written backward as the VJP."
+    return apply
