@@ -19,8 +19,10 @@ True
 from jbp import activations, losses
 from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
+from jbp.bridge import as_custom_vjp
 from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
+from jbp.curvature import ggn_diagonal, hvp
 from jbp.dense import dense
 from jbp.dropout import dropout
 from jbp.flatten import flatten
@@ -28,6 +30,8 @@ from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import Layer
 from jbp.losses import Loss
 from jbp.maxout import maxout
+from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
+                             per_example_grads)
 from jbp.serial import mlp, serial
 
 __version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Curvature through the hand-written backward: Hessian-vector products and the GGN diagonal.
+
+**Hessian-vector products.** The manual gradient is a ``jax.numpy`` function of the
+parameters, so ``jax.jvp`` can push a tangent ``v`` through it (forward-over-reverse):
+d/dε ∇C(θ + εv) = H v, at about the cost of two gradients, without forming H.
+
+**The generalised Gauss-Newton diagonal.** For C(θ) = L(f(θ)) the GGN is
+G = Jᵀ H_L J, with J the Jacobian of the outputs and H_L the Hessian of the loss with
+respect to the outputs. H_L is block diagonal over examples, and for the losses below it
+has a closed-form square-root factor S (H_L = S Sᵀ, one column per output dimension k). Then
+G = Σ_k (Jᵀ S_k)(Jᵀ S_k)ᵀ and diag(G) = Σ_k Σ_i (J_iᵀ S_ik)²: each Jᵀ S_k is a backward
+pass started from the cotangent S_k instead of ∂C/∂out, and the per-example squares come
+from the same per-layer rules as :mod:`jbp.per_example` (dense: (a²)ᵀ δ²). The K backward
+passes run batched with ``jax.vmap`` over k.
+
+Factors, per example i (B the batch size, N the number of output elements):
+
+- mean squared error: H_L = (2/N) I, S_k = √(2/N) e_k;
+- softmax cross-entropy: H_L = (σ/B)(diag p − p pᵀ) with σ = Σ_j y_ij (1 for labels),
+  S_k = √(σ p_k / B) (e_k − p);
+- sigmoid binary cross-entropy: H_L = diag(s(1 − s))/N, S_k = √(s_k(1 − s_k)/N) e_k.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jbp import losses
+from jbp.grads import manual_value_and_grad
+from jbp.layer import Layer
+from jbp.per_example import _check, trace
+
+
+def hvp(model: Layer, loss: losses.Loss):
+    """``f(params, x, y, v, **kw) -> H v``: the Hessian of C(params) times ``v``.
+
+    ``v`` and the result are shaped like ``params``. Forward-mode ``jax.jvp`` of the
+    hand-written gradient (``jbp.manual_value_and_grad``), so the reverse sweep is the
+    manual backward.
+    """
+    _check(model, loss, "hvp")
+    grad = manual_value_and_grad(model, loss)
+
+    def hessian_vector_product(params, x, y, v, **kwargs):
+        tree_p, tree_v = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
+        if tree_p != tree_v:
+            raise ValueError(f"hvp: v must be shaped like params; params have structure "
+                             f"{tree_p}, v has {tree_v}")
+        for p, t in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(v)):
+            if p.shape != t.shape:
+                raise ValueError(f"hvp: v must be shaped like params; a leaf of shape "
+                                 f"{tuple(p.shape)} got a tangent of shape {tuple(t.shape)}")
+        v = jax.tree_util.tree_map(lambda p, t: jnp.asarray(t, p.dtype), params, v)
+        return jax.jvp(lambda p: grad(p, x, y, **kwargs)[1], (params,), (v,))[1]
+
+    return hessian_vector_product
+
+
+def _eye_factor(scale, out):
+    """``S (K, B, *out.shape[1:])`` with ``S[k, i] = scale[i, k] e_k`` (K = features)."""
+    batch, k = out.shape[0], math.prod(out.shape[1:])
+    eye = jnp.eye(k, dtype=out.dtype)  # (K, K): row k is e_k
+    s = scale.reshape(batch, k)
+    return (eye[:, None, :] * s.T[:, :, None]).reshape((k,) + out.shape)
+
+
+def _mse_factor(out, target):
+    losses._check_same_shape(out, target, "ggn_diagonal(mean_squared_error)")
+    return _eye_factor(jnp.full(out.shape, math.sqrt(2.0 / out.size), out.dtype), out)
+
+
+def _bce_factor(logits, target):
+    losses._check_same_shape(logits, target, "ggn_diagonal(sigmoid_binary_cross_entropy)")
+    s = 0.5 * (1.0 + jnp.tanh(0.5 * logits))
+    return _eye_factor(jnp.sqrt(s * (1.0 - s) / logits.size), logits)
+
+
+def _softmax_ce_factor(logits, target):
+    y = losses._onehot_targets(logits, target, "ggn_diagonal(softmax_cross_entropy)")
+    p = jax.nn.softmax(logits, axis=-1)
+    batch, k = logits.shape
+    sigma = jnp.sum(y, axis=-1, keepdims=True)  # 1 for labels and one-hot targets
+    scale = jnp.sqrt(sigma * p / batch)  # (B, K)
+    eye = jnp.eye(k, dtype=logits.dtype)
+    # S[k, i, :] = scale[i, k] (e_k − p_i)
+    return scale.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
+
+
+HESSIAN_FACTORS = {
+    losses.mean_squared_error: _mse_factor,
+    losses.softmax_cross_entropy: _softmax_ce_factor,
+    losses.sigmoid_binary_cross_entropy: _bce_factor,
+}
+"""Square-root factors of the loss Hessian, ``(out, target) -> S (K, B, *out.shape[1:])``."""
+
+
+def loss_hessian_factor(loss: losses.Loss, out, target):
+    """``S (K, B, *out.shape[1:])`` with Σ_k S[k, i] S[k, i]ᵀ = ∂²C/∂out_i² for every example."""
+    if loss not in HESSIAN_FACTORS:
+        raise ValueError(f"ggn_diagonal: no square-root Hessian factor for loss {loss.name!r}; "
+                         f"supported: {', '.join(lo.name for lo in HESSIAN_FACTORS)}")
+    return HESSIAN_FACTORS[loss](out, target)
+
+
+def ggn_diagonal(model: Layer, loss: losses.Loss):
+    """``f(params, x, y, **kw) -> diag(G)``, shaped like ``params``: the exact diagonal of the
+    generalised Gauss-Newton matrix Jᵀ H_L J of the batch loss C.
+
+    One hand-written backward pass per output dimension (batched with ``jax.vmap``), each
+    started from a column of the square-root factor of H_L. Supported losses: mean squared
+    error, softmax cross-entropy, sigmoid binary cross-entropy; layers as in
+    :mod:`jbp.per_example`.
+    """
+    _check(model, loss, "ggn_diagonal")
+    if loss not in HESSIAN_FACTORS:
+        loss_hessian_factor(loss, None, None)  # raises the error naming the loss
+
+    def diagonal(params, x, y, **kwargs):
+        out, cache = model.forward(params, x, **kwargs)
+        factor = loss_hessian_factor(loss, out, y)
+
+        def squares(s):
+            return trace(model, params, cache, s, lambda rule, c, d: rule.sum_sq(c, d))
+
+        per_column = jax.vmap(squares)(factor)
+        return jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_column)
+
+    return diagonal
