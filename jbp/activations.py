@@ -60,7 +60,8 @@ def tanh() -> Layer:
 
 
 def relu() -> Layer:
-    return elementwise("relu", lambda z: jnp.maximum(z, 0), lambda z, a: (z > 0).astype(z.dtype))
+    # where(z > 0, ...) rather than maximum(z, 0): at z = 0 both derivatives are then 0.
+    return elementwise("relu", lambda z: jnp.where(z > 0, z, 0), lambda z, a: (z > 0).astype(z.dtype))
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
@@ -71,9 +72,10 @@ def leaky_relu(negative_slope: float = 0.01) -> Layer:
 
 
 def elu(alpha: float = 1.0) -> Layer:
-    # a = alpha (e^z - 1) for z <= 0, so σ′ = a + alpha there.
+    # a = alpha (e^z − 1) for z <= 0, so σ′ = a + alpha there. The inner where keeps
+    # expm1 from overflowing on the branch that is not taken.
     return elementwise(f"elu({alpha})",
-                       lambda z: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.minimum(z, 0))),
+                       lambda z: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.where(z > 0, 0, z))),
                        lambda z, a: jnp.where(z > 0, 1.0, a + alpha).astype(z.dtype))
 
 
