@@ -1,0 +1,227 @@
+"""jbp.fit: both gradients train alike, seeds are reproducible, resume after a kill equals an
+uninterrupted run, and bad arguments give clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jbp
+from jbp import checkpoint
+from jbp.data import Dataset
+
+LOSS = jbp.losses.softmax_cross_entropy
+
+
+def _blobs(n=256, d=8, classes=3, seed=0):
+    """A small separable classification set: class means plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    centers = rng.normal(size=(classes, d)).astype(np.float32) * 2
+    x = centers[y] + rng.normal(size=(n, d)).astype(np.float32)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x, y = _blobs()
+    model = jbp.mlp([8, 16, 3], activation="tanh")
+    _, params = model.init(jax.random.key(0), (8,))
+    return model, params, Dataset(x[:192], y[:192], x[192:], y[192:])
+
+
+def _fit(setup, **kwargs):
+    model, params, data = setup
+    kwargs = {"key": jax.random.key(1), "epochs": None if "steps" in kwargs else 3,
+              "batch_size": 32, "progress": False, **kwargs}
+    return jbp.fit(model, LOSS, params, data, **kwargs)
+
+
+def _max_rel(a, b):
+    return max(float(jnp.linalg.norm(p - q) / jnp.linalg.norm(q))
+               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _equal(a, b):
+    return all(np.array_equal(np.asarray(p), np.asarray(q))
+               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_manual_and_autodiff_train_to_the_same_params(setup):
+    manual, h_manual = _fit(setup, grad="manual")
+    auto, h_auto = _fit(setup, grad="autodiff")
+    assert _max_rel(manual, auto) < 1e-4
+    np.testing.assert_allclose(h_manual["loss"], h_auto["loss"], rtol=1e-4)
+    assert not _equal(manual, setup[1])  # it did train
+
+
+def test_history_records_steps_and_evaluations(setup):
+    params, history = _fit(setup, epochs=4)
+    assert len(history["loss"]) == 4 * (192 // 32)
+    assert [e["epoch"] for e in history["eval"]] == [0, 1, 2, 3, 4]
+    assert [e["step"] for e in history["eval"]] == [0, 6, 12, 18, 24]
+    last = history["eval"][-1]
+    assert set(last) == {"epoch", "step", "train_loss", "train_accuracy", "test_loss",
+                         "test_accuracy"}
+    assert last["train_loss"] < history["eval"][0]["train_loss"]
+    assert last["test_accuracy"] > 0.8
+    json.dumps(history)  # plain Python numbers, ready for results.json
+
+
+def test_same_seed_gives_identical_params_and_another_seed_does_not(setup):
+    a, ha = _fit(setup, key=jax.random.key(3))
+    b, hb = _fit(setup, key=jax.random.key(3))
+    c, _ = _fit(setup, key=jax.random.key(4))
+    assert _equal(a, b) and ha == hb
+    assert not _equal(a, c)
+
+
+def test_python_loop_and_scan_agree(setup):
+    scan, _ = _fit(setup, loop="scan")
+    python, _ = _fit(setup, loop="python")
+    assert _max_rel(scan, python) < 1e-5
+
+
+def test_steps_sgd_and_a_custom_gradient_function(setup):
+    model, params, data = setup
+    calls = []
+
+    def my_grad(p, x, y):
+        calls.append(x.shape)  # traced once per compile
+        return jbp.autodiff_value_and_grad(model, LOSS)(p, x, y)
+
+    a, ha = _fit(setup, grad=my_grad, steps=10, optimizer="sgd", learning_rate=0.1)
+    b, _ = _fit(setup, grad="autodiff", steps=10, optimizer="sgd", learning_rate=0.1)
+    assert calls and calls[0] == (32, 8)
+    assert len(ha["loss"]) == 10 and ha["eval"][-1]["step"] == 10
+    assert _max_rel(a, b) < 1e-6
+
+
+def test_pair_data_without_eval_and_dropout_model():
+    x, y = _blobs(n=64)
+    model = jbp.serial(jbp.dense(16), jbp.relu(), jbp.dropout(0.5), jbp.dense(3))
+    _, params = model.init(jax.random.key(0), (8,))
+    out, history = jbp.fit(model, LOSS, params, (x, y), key=jax.random.key(0), epochs=2,
+                           batch_size=16, optimizer=optax.sgd(0.05), progress=False)
+    assert set(history["eval"][-1]) == {"epoch", "step", "train_loss", "train_accuracy"}
+    assert all(np.isfinite(v) for v in history["loss"])
+
+
+def test_progress_bar_shows_the_loss_or_stays_silent(setup, capsys):
+    _fit(setup, epochs=1, progress=True)
+    assert "loss=" in capsys.readouterr().err
+    _fit(setup, epochs=1, progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grad": "numeric"}, "unknown gradient source 'numeric'"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+    ({"epochs": 0}, "epochs must be a positive int, got 0"),
+    ({"steps": -1}, "steps must be a positive int, got -1"),
+    ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
+    ({"batch_size": 193}, "batch_size 193 is larger than the data .192 examples."),
+    ({"learning_rate": 0.0}, "learning_rate must be a positive number, got 0.0"),
+    ({"learning_rate": -1e-3, "optimizer": "sgd"}, "learning_rate must be a positive"),
+    ({"steps": 5, "epochs": 2}, "give epochs or steps, not both"),
+    ({"resume": True}, "resume=True needs a checkpoint_dir"),
+    ({"loop": "fori"}, "loop must be one of"),
+    ({"key": 3}, "key must be a PRNG key"),
+])
+def test_bad_arguments(setup, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _fit(setup, **kwargs)
+
+
+def test_resume_rejects_a_checkpoint_of_another_model_or_run(setup, tmp_path):
+    _fit(setup, epochs=1, checkpoint_dir=tmp_path)
+    model = jbp.mlp([8, 32, 3], activation="tanh")
+    _, params = model.init(jax.random.key(0), (8,))
+    with pytest.raises(ValueError, match=r"different model: leaf .*\[0\]\['W'\]"):
+        jbp.fit(model, LOSS, params, setup[2], key=jax.random.key(1), epochs=2,
+                batch_size=32, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        _fit(setup, epochs=2, batch_size=16, checkpoint_dir=tmp_path, resume=True)
+
+
+# A training run in its own process. "slow" makes it sleep after each checkpoint so the test
+# can kill it with SIGKILL at a known point; "plain" runs (or resumes) to the end.
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import jax, numpy as np
+    import jbp
+    from jbp import checkpoint
+
+    mode, ck_dir, out = sys.argv[1:4]
+    if mode == "slow":
+        save = checkpoint.save
+
+        def save_then_wait(*args, **kwargs):
+            path = save(*args, **kwargs)
+            print("SAVED", flush=True)
+            time.sleep(120)
+            return path
+
+        checkpoint.save = save_then_wait
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200).astype(np.int32)
+    x = (rng.normal(size=(3, 8))[y] * 2 + rng.normal(size=(200, 8))).astype(np.float32)
+    model = jbp.mlp([8, 16, 3])
+    _, params = model.init(jax.random.key(0), (8,))
+    params, history = jbp.fit(model, jbp.losses.softmax_cross_entropy, params, (x, y),
+                              key=jax.random.key(7), epochs=3, batch_size=20,
+                              checkpoint_dir=ck_dir or None, resume=bool(ck_dir),
+                              progress=False)
+    leaves = jax.tree_util.tree_leaves(params)
+    np.savez(out, *[np.asarray(leaf) for leaf in leaves])
+    with open(out + ".json", "w") as f:
+        json.dump(history, f)
+""")
+
+
+def test_resume_after_a_killed_process_equals_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ck_dir = tmp_path / "ck"
+    # the three processes compile the same functions: share a persistent compile cache
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+    def run(mode, ck, out):
+        return subprocess.run([sys.executable, str(script), mode, ck, str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=180, env=env)
+
+    proc = subprocess.Popen([sys.executable, str(script), "slow", str(ck_dir),
+                             str(tmp_path / "killed")], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout.readline().strip() == "SAVED"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed.npz").exists()  # it never finished
+    assert checkpoint.read_meta(ck_dir / "checkpoint.npz")["history"]["eval"][-1]["epoch"] == 1
+
+    for args in (("plain", "", "straight"), ("plain", str(ck_dir), "resumed")):
+        done = run(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert straight == resumed
+    assert len(resumed["loss"]) == 3 * 10
