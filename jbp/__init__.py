@@ -16,7 +16,7 @@ forward is also differentiated by ``jax.grad``. Both gradients share one signatu
 True
 """
 
-from jbp import activations, losses
+from jbp import activations, checkpoint, data, losses
 from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
 from jbp.bridge import as_custom_vjp
@@ -33,5 +33,6 @@ from jbp.maxout import maxout
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.serial import mlp, serial
+from jbp.train import fit
 
 __version__ = "0.1.0"
