@@ -1,0 +1,159 @@
+"""The benchmark's helpers on fake timings, and its --quick run end to end.
+
+Nothing here asserts a wall-clock time: timings are only checked for shape and sign.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+from jbp import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "benchmark.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- FLOP counting ---------------------------------------------------------------------
+
+def test_mlp_step_flops_counts_three_products_per_layer_but_not_the_data_gradient():
+    # layers (2,4)@(4,8) and (2,8)@(8,3): 2·B·in·out = 128 and 96 FLOPs
+    flops = bench.mlp_step_flops(2, [4, 8, 3])
+    assert flops["forward"] == 128 + 96
+    assert flops["backward"] == 2 * (128 + 96) - 128  # no ∂C/∂x for the first layer
+    assert flops["step"] == flops["forward"] + flops["backward"]
+    assert bench.mlp_step_flops(2, [4, 8, 3], input_grad=True)["backward"] == 2 * (128 + 96)
+
+
+def test_mlp_step_flops_matches_xla_within_elementwise_work():
+    # XLA's own count of the compiled manual gradient: the products plus O(B·n) extras.
+    sizes, batch = [64, 64, 64, 10], 32
+    model = jbp.mlp(sizes)
+    _, params = model.init(jax.random.key(0), (sizes[0],))
+    x, y = jnp.ones((batch, sizes[0])), jnp.zeros((batch,), jnp.int32)
+    grad = jbp.manual_value_and_grad(model, jbp.losses.softmax_cross_entropy)
+    compiled, seconds = bench.compile_timed(grad, params, x, y)
+    stats = bench.compiled_stats(compiled)
+    ours = bench.mlp_step_flops(batch, sizes)["step"]
+    assert seconds >= 0
+    assert ours <= stats["cost"]["flops"] <= 1.05 * ours
+    assert stats["memory"]["temp_bytes"] >= 0 and stats["memory"]["argument_bytes"] > 0
+
+
+@pytest.mark.parametrize("batch,sizes", [(0, [4, 3]), (2, [4]), (2, [4, 0])])
+def test_mlp_step_flops_rejects_bad_shapes(batch, sizes):
+    with pytest.raises(ValueError, match="mlp_step_flops"):
+        bench.mlp_step_flops(batch, sizes)
+
+
+# --- paired timing on fake timings -----------------------------------------------------
+
+def test_paired_ratios_are_per_round():
+    r = bench.paired_ratios([2.0, 4.0, 9.0, 1.0], [1.0, 2.0, 3.0, 1.0])
+    assert r["ratios"] == [2.0, 2.0, 3.0, 1.0]
+    assert r["median"] == 2.0 and r["min"] == 1.0 and r["n"] == 4
+    assert r["q25"] <= r["median"] <= r["q75"]
+
+
+def test_paired_ratio_median_differs_from_ratio_of_medians():
+    # A slow patch that hits both contenders in round 2 cancels out of the pairs.
+    a, b = [1.0, 10.0, 1.1], [1.1, 11.0, 1.0]
+    assert bench.paired_ratios(a, b)["median"] == pytest.approx(10 / 11)
+    assert np.median(a) / np.median(b) == pytest.approx(1.1 / 1.1)
+
+
+@pytest.mark.parametrize("a,b", [([1.0, 2.0], [1.0]), ([], []), ([1.0], [0.0])])
+def test_paired_ratios_rejects_bad_series(a, b):
+    with pytest.raises(ValueError, match="paired_ratios"):
+        bench.paired_ratios(a, b)
+
+
+def test_interleaved_times_rotates_the_order_and_pairs_rounds():
+    calls = []
+    thunks = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench.interleaved_times(thunks, repeats=3, warmup=1)
+    assert calls == list("abc" + "abc" + "bca" + "cab")
+    assert set(times) == set("abc")
+    assert all(t.shape == (3,) and np.all(t >= 0) for t in times.values())
+    with pytest.raises(ValueError, match="repeats"):
+        bench.interleaved_times(thunks, repeats=0)
+
+
+def test_repeats_for_and_summary():
+    assert bench.repeats_for(0.1, 2.0, lo=3, hi=100) == 20
+    assert bench.repeats_for(10.0, 2.0, lo=3, hi=100) == 3
+    assert bench.repeats_for(1e-6, 2.0, lo=3, hi=100) == 100
+    s = bench.summary([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["n"]) == (2.0, 1.0, 3)
+
+
+def test_saved_bytes_counts_distinct_arrays_and_inputs_apart():
+    x = jnp.ones((4, 8), jnp.float32)
+
+    def fun(x):
+        y = 2 * x
+        return {"x": x, "y": y, "y_again": y, "z": jnp.sum(y)}
+
+    s = bench.saved_bytes(fun, x)
+    assert s == {"computed_bytes": 4 * 8 * 4 + 4, "input_bytes": 4 * 8 * 4, "computed_arrays": 2}
+
+
+# --- the script ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,flag", [(["--batch", "0"], "--batch"),
+                                       (["--width", "a,b"], "--width"),
+                                       (["--activation", "nope"], "nope"),
+                                       (["--budget", "-1"], "--budget")])
+def test_bad_flags_name_the_argument(argv, flag, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit) as exc:
+        script.parse_args(argv)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_quick_run_writes_results_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for png in ("step_time.png", "ratio.png", "gflops.png"):
+        assert (out / png).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"experiment", "command", "device", "config", "peak_matmul", "summary", "points",
+            "wall_s"} <= set(results)
+    assert {"platform", "device_kind", "jax", "jaxlib", "cpu_count"} <= set(results["device"])
+    assert results["peak_matmul"]["gflops"] > 0
+    assert set(results["summary"]["targets"]) == {
+        "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
+        "manual_temp_le_autodiff"}
+    grid = results["config"]["grid"]
+    n_points = np.prod([len(grid[k]) for k in ("batch", "width", "depth", "activation")])
+    assert len(results["points"]) == n_points >= 2
+    for point in results["points"]:
+        assert set(point["time_s"]) == {"forward", "manual_grad", "autodiff_grad",
+                                        "manual_step", "autodiff_step", "matmul"}
+        assert set(point["compile_s"]) == set(point["time_s"])
+        for key in ("ratio_step", "ratio_grad"):
+            assert len(point[key]["ratios"]) == point["repeats"]
+            assert point[key]["median"] > 0
+        assert point["flops"] == bench.mlp_step_flops(point["batch"], point["sizes"])
+        for name in ("forward", "manual_grad", "autodiff_grad", "manual_step", "autodiff_step"):
+            assert point["xla"][name]["memory"]["temp_bytes"] >= 0
+            assert point["xla"][name]["cost"]["flops"] > 0
+        assert point["saved"]["manual_cache"]["computed_bytes"] > 0
+        assert point["saved"]["autodiff_residuals"]["computed_bytes"] > 0
