@@ -133,19 +133,20 @@ def make_epoch(update):
 
 
 def make_evaluate(model: Layer, loss: Loss):
-    """``evaluate(params, x, y) -> (loss, accuracy)`` on the whole set in evaluation mode.
-
-    Accuracy (argmax of the output against integer labels) is NaN where it does not apply.
+    """``evaluate(params, x (N, ...), y (N, ...)) -> (losses (N,), correct (N,))`` in
+    evaluation mode: per-example losses and whether the argmax of the output equals the
+    integer label (NaN where accuracy does not apply). One call covers train and test
+    sets stacked together, so evaluation compiles once.
     """
 
     def evaluate(params, x, y):
         out = model.apply(params, x, train=False)
-        value = loss.value(out, y)
+        losses = loss.per_example(out, y)
         if out.ndim == 2 and jnp.issubdtype(y.dtype, jnp.integer):
-            accuracy = jnp.mean(jnp.argmax(out, axis=-1) == y)
+            correct = (jnp.argmax(out, axis=-1) == y).astype(jnp.float32)
         else:
-            accuracy = jnp.nan
-        return value, accuracy
+            correct = jnp.full(losses.shape, jnp.nan, jnp.float32)
+        return losses, correct
 
     return evaluate
 
@@ -155,7 +156,7 @@ class Compiled(NamedTuple):
 
     step: Callable  # (params, opt_state, x, y, idx (B,), key) -> (params, opt_state, loss)
     epoch: Callable  # (params, opt_state, x, y, batches (S, B), keys (S,)) -> (..., losses (S,))
-    evaluate: Callable  # (params, x, y) -> (loss, accuracy)
+    evaluate: Callable  # (params, x, y) -> (losses (N,), correct (N,))
 
 
 def _compile(model, loss, grad, optimizer) -> Compiled:
@@ -195,7 +196,7 @@ _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
         learning_rate: float = 1e-3, epochs: int | None = None, steps: int | None = None,
         batch_size: int = 128, grad="manual", eval_data=None, checkpoint_dir=None,
-        resume: bool = False, loop: str = "scan", progress: bool = True):
+        resume: bool = False, loop: str = "scan", progress: bool = True, on_epoch=None):
     """Train ``params`` of ``model`` on ``loss`` by minibatch gradient descent.
 
     Args:
@@ -219,6 +220,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
       loop: ``"scan"`` (one ``lax.scan`` per epoch) or ``"python"`` (a Python loop over
         the jitted step).
       progress: show a tqdm bar with the current loss.
+      on_epoch: called as ``on_epoch(epoch, params, history)`` after every epoch (after
+        its evaluation and checkpoint), e.g. to keep snapshots of the params.
 
     Returns:
       ``(params, history)``; ``history["loss"]`` holds the minibatch loss of every step,
@@ -251,8 +254,13 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
         raise ValueError("fit: resume=True needs a checkpoint_dir")
 
     x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
-    if eval_data is not None:
-        ex, ey = jax.device_put(jnp.asarray(eval_data[0])), jax.device_put(jnp.asarray(eval_data[1]))
+    splits = {"train": slice(0, n)}
+    if eval_data is None:
+        eval_x, eval_y = x, y
+    else:
+        splits["test"] = slice(n, n + len(eval_data[0]))
+        eval_x = jax.device_put(jnp.concatenate([x, jnp.asarray(eval_data[0], x.dtype)]))
+        eval_y = jax.device_put(jnp.concatenate([y, jnp.asarray(eval_data[1], y.dtype)]))
 
     opt_state = optimizer.init(params)
     step = 0
@@ -271,11 +279,11 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
 
     def record_eval(epoch):
         entry = {"epoch": epoch, "step": step}
-        for split, (xs, ys) in [("train", (x, y))] + (
-                [("test", (ex, ey))] if eval_data is not None else []):
-            value, acc = (float(v) for v in fns.evaluate(params, xs, ys))
-            entry[f"{split}_loss"] = value
-            entry[f"{split}_accuracy"] = None if math.isnan(acc) else acc
+        losses, correct = (np.asarray(a, np.float64) for a in fns.evaluate(params, eval_x, eval_y))
+        for split, rows in splits.items():
+            entry[f"{split}_loss"] = float(np.mean(losses[rows]))
+            accuracy = float(np.mean(correct[rows]))
+            entry[f"{split}_accuracy"] = None if math.isnan(accuracy) else accuracy
         history["eval"].append(entry)
 
     if step == 0:
@@ -303,5 +311,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
         if ck_path is not None:
             checkpoint.save(ck_path, {"params": params, "opt_state": opt_state, "step": step,
                                       "key": key}, meta={"config": config, "history": history})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, params, history)
     bar.close()
     return params, history

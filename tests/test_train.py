@@ -225,3 +225,10 @@ def test_resume_after_a_killed_process_equals_an_uninterrupted_run(tmp_path):
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert straight == resumed
     assert len(resumed["loss"]) == 3 * 10
+
+
+def test_on_epoch_is_called_after_every_epoch(setup):
+    seen = []
+    _fit(setup, on_epoch=lambda epoch, params, history: seen.append(
+        (epoch, len(history["loss"]), history["eval"][-1]["epoch"])))
+    assert seen == [(1, 6, 1), (2, 12, 2), (3, 18, 3)]
