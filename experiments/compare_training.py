@@ -98,7 +98,10 @@ def plot(out, runs, diffs):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = select_platform(args.platform)
+    try:
+        device = select_platform(args.platform)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     info = device_info(device)
     print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
           f"{info['cpu_count']} CPUs")

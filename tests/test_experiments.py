@@ -1,0 +1,110 @@
+"""Every experiment script runs with --quick as a real process and writes its files."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from jbp.data import load_mnist1d
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The environment of the scripts: a session MNIST-1D cache (generated at most once)
+    and a shared persistent compile cache."""
+    cache = tmp_path_factory.getbasetemp() / "jbp_cache"
+    load_mnist1d(cache)
+    return dict(os.environ, JBP_CACHE=str(cache),
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "xla_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def run(script, *args, env):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def run_quick(script, out, env):
+    done = run(script, "--quick", "--seed", "1", "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "device: cpu" in done.stdout or "device: gpu" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"]["platform"] == jax.devices()[0].platform
+    assert results["config"]["quick"] is True and results["config"]["seed"] == 1
+    return results, done.stdout
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG, f"{path} is not a PNG"
+
+
+def test_compare_training_quick(tmp_path, env):
+    results, stdout = run_quick("compare_training.py", tmp_path, env)
+    for grad in ("manual", "autodiff"):
+        assert 0.0 <= results[grad]["test_accuracy"] <= 1.0
+        history = results[grad]["history"]
+        assert len(history["eval"]) == results["config"]["epochs"] + 1
+    # same init, same batches: the two runs agree to float32 round-off after a few steps
+    assert results["max_param_diff"] < 1e-4
+    assert results["manual"]["test_accuracy"] == pytest.approx(
+        results["autodiff"]["test_accuracy"], abs=0.01)
+    assert_png(tmp_path / "curves.png")
+    assert_png(tmp_path / "param_diff.png")
+    assert "manual" in stdout and "autodiff" in stdout
+
+
+def test_depth_quick(tmp_path, env):
+    results, stdout = run_quick("depth.py", tmp_path, env)
+    runs = results["runs"]
+    assert {r["depth"] for r in runs} == {1, 2}
+    for r in runs:  # widths chosen to match the budget
+        assert abs(r["n_params"] - r["budget"]) / r["budget"] < 0.1
+    assert_png(tmp_path / "depth.png")
+
+
+def test_vanishing_gradients_quick(tmp_path, env):
+    results, stdout = run_quick("vanishing_gradients.py", tmp_path, env)
+    acts = results["activations"]
+    assert set(acts) == {"sigmoid", "relu"}
+    depth = results["config"]["depth"]
+    for res in acts.values():
+        assert [r["epoch"] for r in res["records"]] == results["config"]["record_at"]
+        for r in res["records"]:
+            assert len(r["delta_norm"]) == depth + 1  # every dense layer, output included
+    # at initialisation the sigmoid's deltas shrink far more towards the input than ReLU's
+    first = {a: r["records"][0]["delta_norm"] for a, r in acts.items()}
+    ratio = {a: d[0] / d[-1] for a, d in first.items()}
+    assert ratio["sigmoid"] < ratio["relu"] / 10
+    assert_png(tmp_path / "vanishing_gradients.png")
+
+
+def load_script(name):
+    """An experiment script as a module (its main() not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["compare_training", "depth", "vanishing_gradients"])
+def test_help_and_a_missing_backend(name, tmp_path, capsys):
+    script = load_script(name)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--seed", "--out", "--platform"):
+        assert flag in out
+    if "tpu" in {d.platform for d in jax.devices()}:
+        return
+    with pytest.raises(SystemExit, match="--platform tpu: no such backend here; available: "):
+        script.main(["--quick", "--platform", "tpu", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
