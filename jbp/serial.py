@@ -19,7 +19,8 @@ from jbp.layer import Layer, as_shape
 
 def _where(i: int, layer: Layer, err: Exception) -> Exception:
     """The same error with the failing layer's position prepended."""
-    return type(err)(f"layer {i} ({layer.name}): {err}")
+    msg = str(err).removeprefix(f"{layer.name}: ")
+    return type(err)(f"layer {i} ({layer.name}): {msg}")
 
 
 def backward_trace(layers: Sequence[Layer], params, caches, dy):
