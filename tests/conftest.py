@@ -13,7 +13,12 @@ settings.register_profile("jbp", deadline=None, derandomize=True, print_blob=Tru
 settings.load_profile("jbp")
 
 # Relative (normwise) tolerance between a hand-written gradient and jax.vjp / jax.grad.
-RTOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
+_RTOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+def rtol(dtype) -> float:
+    """The agreement asked of float64 (1e-12) or float32 (1e-5) gradients."""
+    return _RTOL[jnp.dtype(dtype).name]
 
 
 @pytest.fixture(params=[jnp.float32, jnp.float64], ids=["float32", "float64"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jbp
-from conftest import RTOL, cast, rel_err
+from conftest import rtol, cast, rel_err
 
 # (name, layer factory, per-example input shape)
 LAYERS = [
@@ -52,7 +52,7 @@ def test_backward_equals_vjp(name, factory, in_shape, dtype):
     (dp, dx), (dp_ref, dx_ref) = jax.jit(vjp_pair, static_argnums=0)(layer, params, x, dy)
     assert jax.tree_util.tree_structure(dp) == jax.tree_util.tree_structure(params)
     assert dx.shape == x.shape and dx.dtype == x.dtype
-    assert rel_err((dp, dx), (dp_ref, dx_ref)) <= RTOL[dtype]
+    assert rel_err((dp, dx), (dp_ref, dx_ref)) <= rtol(dtype)
 
 
 def test_init_output_shape_matches_forward():
@@ -92,7 +92,7 @@ def test_dropout_train_backward_equals_vjp(dtype):
     params, x, dy = random_case(layer, (50,), dtype)
     key = jax.random.key(7)
     (_, dx), (_, dx_ref) = vjp_pair(layer, params, x, dy, key=key, train=True)
-    assert rel_err(dx, dx_ref) <= RTOL[dtype]
+    assert rel_err(dx, dx_ref) <= rtol(dtype)
 
 
 def test_dropout_statistics():
