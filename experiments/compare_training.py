@@ -9,6 +9,7 @@ largest parameter difference between the runs, per epoch) into --out.
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -19,14 +20,14 @@ from jbp.io import write_json
 GRADS = ("manual", "autodiff")
 
 
-def build_model(hidden, dropout):
+def build_model(hidden, dropout, dtype=jnp.float32):
     """dense → relu → dropout, once per hidden width, then a dense output of 10 logits."""
     layers = []
     for width in hidden:
-        layers += [jbp.dense(width), jbp.relu()]
+        layers += [jbp.dense(width, dtype=dtype), jbp.relu()]
         if dropout > 0:
             layers.append(jbp.dropout(dropout))
-    return jbp.serial(*layers, jbp.dense(10))
+    return jbp.serial(*layers, jbp.dense(10, dtype=dtype))
 
 
 def parse_args(argv=None):
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3,
                         help="Adam's peak learning rate (cosine decay to 0 over the run)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="float64 shows how far the two runs drift with less round-off")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.epochs = [32], 2
@@ -106,7 +109,11 @@ def main(argv=None):
     print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
           f"{info['cpu_count']} CPUs")
     data = jbp.data.load_mnist1d()
-    model = build_model(args.hidden, args.dropout)
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+        data = data._replace(x_train=data.x_train.astype(np.float64),
+                             x_test=data.x_test.astype(np.float64))
+    model = build_model(args.hidden, args.dropout, jnp.dtype(args.dtype))
     _, params = model.init(jax.random.key(args.seed), (data.x_train.shape[1],))
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
 
@@ -130,7 +137,7 @@ def main(argv=None):
         "config": {"model": model.name, "n_params": n_params, "hidden": args.hidden,
                    "dropout": args.dropout, "epochs": args.epochs,
                    "batch_size": args.batch_size, "optimizer": "adam, cosine decay",
-                   "lr": args.lr, "seed": args.seed, "quick": args.quick,
+                   "lr": args.lr, "dtype": args.dtype, "seed": args.seed, "quick": args.quick,
                    "data": "MNIST-1D (4000 train / 1000 test)"},
     }
     write_json(args.out / "results.json", results)
