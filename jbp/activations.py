@@ -4,7 +4,14 @@ Lecture map: the hidden-layer case ∂C/∂z = σ′(z) · ∂C/∂a. Every acti
 :func:`elementwise` from ``σ`` and ``σ′(z, a)``; the derivative may use the input ``z``
 or the output ``a = σ(z)``, whichever is simpler (the sigmoid's is ``a (1 − a)``).
 
-Shapes: any ``x (B, ...)``; ``y`` has the shape of ``x``; cache ``(z, a)``.
+The cache holds only what the derivative reads (``keep``): the output ``a`` for the
+sigmoid, tanh and ReLU (whose mask ``z > 0`` is ``a > 0``), the input ``z`` where the
+derivative needs it. In an MLP ``a`` is the next dense layer's cached input anyway, so an
+activation that keeps ``a`` adds no memory: with ReLU XLA's compiled temporary memory of a
+whole gradient drops below autodiff's, which keeps the pre-activation for its mask.
+
+Shapes: any ``x (B, ...)``; ``y`` has the shape of ``x``; cache ``(z, a)``, with ``None``
+in place of the one not kept.
 """
 
 import math
@@ -15,8 +22,14 @@ from jax.scipy.special import erf
 from jbp.layer import Layer, as_shape, check_empty_params
 
 
-def elementwise(name: str, sigma, dsigma) -> Layer:
-    """A weightless layer ``a = sigma(z)`` whose backward is ``dz = dsigma(z, a) * da``."""
+def elementwise(name: str, sigma, dsigma, *, keep: str = "za") -> Layer:
+    """A weightless layer ``a = sigma(z)`` whose backward is ``dz = dsigma(z, a) * da``.
+
+    ``keep`` says what the cache holds for ``dsigma``: ``"za"`` (both), ``"z"`` or ``"a"``;
+    ``dsigma`` then receives ``None`` for the one not kept.
+    """
+    if keep not in ("za", "z", "a"):
+        raise ValueError(f"elementwise({name!r}): keep must be 'za', 'z' or 'a', got {keep!r}")
 
     def init(key, in_shape):
         return as_shape(in_shape, name), {}
@@ -24,7 +37,7 @@ def elementwise(name: str, sigma, dsigma) -> Layer:
     def forward(params, z, **_):
         check_empty_params(params, name)
         a = sigma(z)
-        return a, (z, a)
+        return a, (z if "z" in keep else None, a if "a" in keep else None)
 
     def backward(params, cache, da):
         z, a = cache
@@ -52,16 +65,18 @@ def identity() -> Layer:
 
 
 def sigmoid() -> Layer:
-    return elementwise("sigmoid", _sigmoid, lambda z, a: a * (1 - a))
+    return elementwise("sigmoid", _sigmoid, lambda z, a: a * (1 - a), keep="a")
 
 
 def tanh() -> Layer:
-    return elementwise("tanh", jnp.tanh, lambda z, a: 1 - a * a)
+    return elementwise("tanh", jnp.tanh, lambda z, a: 1 - a * a, keep="a")
 
 
 def relu() -> Layer:
     # where(z > 0, ...) rather than maximum(z, 0): at z = 0 both derivatives are then 0.
-    return elementwise("relu", lambda z: jnp.where(z > 0, z, 0), lambda z, a: (z > 0).astype(z.dtype))
+    # The mask z > 0 equals a > 0 (also for z = NaN), so the cache needs only a.
+    return elementwise("relu", lambda z: jnp.where(z > 0, z, 0),
+                       lambda z, a: (a > 0).astype(a.dtype), keep="a")
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
