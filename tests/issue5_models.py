@@ -1,0 +1,128 @@
+"""Shared fixtures of the issue-5 tests (bridge, per-example, curvature): one small model per
+layer type, inputs and targets for every loss, and the references computed by JAX itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+from jbp.activations import ACTIVATIONS
+
+L = jbp.losses
+# Normwise relative error allowed between a quantity from the hand-written backward and the
+# same quantity from jax.grad / jax.jvp / Jacobians.
+TOL = {jnp.float64: 1e-10, jnp.float32: 2e-5}
+BATCH = 5
+KEY = jax.random.key(42)  # the fixed dropout key
+
+
+@pytest.fixture(params=[jnp.float64, jnp.float32], ids=["float64", "float32"])
+def precision(request):
+    """Run in float64 (x64 enabled inside the test only) and in float32."""
+    with jax.enable_x64(request.param == jnp.float64):
+        yield request.param
+
+
+def _zoo():
+    """name -> (layers(dtype), per-example input shape, forward kwargs)."""
+    zoo = {"dense": (lambda dt: [jbp.dense(3, dtype=dt)], (4,), {})}
+    for name in ACTIVATIONS:
+        zoo[name] = (lambda dt, n=name: [jbp.dense(6, dtype=dt), jbp.activations.get(n),
+                                         jbp.dense(3, dtype=dt)], (4,), {})
+    zoo["maxout"] = (lambda dt: [jbp.dense(6, dtype=dt), jbp.maxout(2), jbp.dense(3, dtype=dt)],
+                     (4,), {})
+    zoo["flatten"] = (lambda dt: [jbp.flatten(), jbp.dense(5, dtype=dt), jbp.tanh(),
+                                  jbp.dense(3, dtype=dt)], (2, 3), {})
+    zoo["dropout-eval"] = (lambda dt: [jbp.dense(6, dtype=dt), jbp.relu(), jbp.dropout(0.5),
+                                       jbp.dense(3, dtype=dt)], (4,), {})
+    zoo["dropout-key"] = (lambda dt: [jbp.dense(6, dtype=dt), jbp.relu(), jbp.dropout(0.5),
+                                      jbp.dense(3, dtype=dt)], (4,), {"key": KEY, "train": True})
+    return zoo
+
+
+ZOO = _zoo()
+
+
+def mixed(dtype):
+    """One model with every kind of layer: flatten, dense, maxout, an activation, dropout."""
+    return [jbp.flatten(), jbp.dense(6, dtype=dtype), jbp.maxout(2), jbp.dense(6, dtype=dtype),
+            jbp.gelu(), jbp.dropout(0.5), jbp.dense(3, dtype=dtype)]
+
+
+ZOO["mixed"] = (mixed, (2, 2), {"key": KEY, "train": True})
+
+
+def target(loss, out_dim, batch, rng, dtype):
+    if loss is L.softmax_cross_entropy:
+        return jnp.asarray(rng.integers(0, out_dim, batch), jnp.int32)
+    if loss is L.mean_squared_error:
+        return jnp.asarray(rng.normal(size=(batch, out_dim)), dtype)
+    return jnp.asarray(rng.uniform(size=(batch, out_dim)), dtype)
+
+
+def random_params(model, in_shape, rng, dtype):
+    """``(out_shape, params)`` with N(0, 1/fan_in) weights and N(0, 0.3²) biases, drawn by
+    numpy (eager jax.random would compile a kernel for every new shape: slow in tests)."""
+    box = {}
+
+    def init(key):
+        box["out"], params = model.init(key, in_shape)
+        return params
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+
+    def draw(s):
+        scale = 0.3 if len(s.shape) == 1 else 1 / np.sqrt(s.shape[0])
+        return jnp.asarray(rng.normal(size=s.shape) * scale, dtype)
+
+    return box["out"], jax.tree_util.tree_map(draw, shapes)
+
+
+def case(name, dtype, loss=L.softmax_cross_entropy, batch=BATCH, seed=0):
+    """``(model, params, x, y, kwargs)`` for the zoo entry ``name``; biases are nonzero."""
+    layers, in_shape, kwargs = ZOO[name]
+    layers = layers(dtype)
+    model = layers[0] if len(layers) == 1 else jbp.serial(*layers)
+    rng = np.random.default_rng(seed)
+    (out_dim,), params = random_params(model, in_shape, rng, dtype)
+    x = jnp.asarray(rng.normal(size=(batch,) + in_shape), dtype)
+    return model, params, x, target(loss, out_dim, batch, rng, dtype), kwargs
+
+
+def rel_err(got, want) -> float:
+    """Max over leaves of the normwise relative error ‖got − want‖/‖want‖ (float64 numpy)."""
+    g_leaves, w_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    errs = []
+    for g, w in zip(g_leaves, w_leaves, strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (g.shape, w.shape)
+        diff = np.linalg.norm(g - w)
+        errs.append(0.0 if diff == 0 else diff / max(np.linalg.norm(w), 1e-300))
+    return max(errs, default=0.0)
+
+
+def reference_per_example_grads(model, loss, params, x, y, kwargs):
+    """∇ℓ_i by ``jax.vmap(jax.grad(...))``.
+
+    Without randomness each example runs alone (a batch of one). Dropout's mask depends on
+    the whole batch's shape, so with a key every example runs the full batch and
+    differentiates only its own loss ℓ_i.
+    """
+    if kwargs.get("train"):
+        def loss_i(p, i):
+            return loss.per_example(model.apply(p, x, **kwargs), y)[i]
+
+        return jax.vmap(jax.grad(loss_i), in_axes=(None, 0))(params, jnp.arange(x.shape[0]))
+
+    def loss_one(p, xi, yi):
+        return loss.value(model.apply(p, xi[None], **kwargs), yi[None])
+
+    return jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(params, x, y)
+
+
+def flat_norms(per_example):
+    """(B,) L2 norms over all leaves of a per-example pytree."""
+    leaves = jax.tree_util.tree_leaves(per_example)
+    return jnp.sqrt(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves))
