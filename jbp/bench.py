@@ -4,8 +4,10 @@ The rules (they keep a comparison of two jitted functions honest):
 
 * compile first and time it apart (:func:`compile_timed`); run time never includes it;
 * warm up, then time each call up to ``jax.block_until_ready`` of its result;
-* run the contenders interleaved, one call each per round in a rotating order, so a
-  slow patch of a shared machine hits both; the per-round ratio ``a/b``
+* run the contenders interleaved, one call each per round, the order reversed every
+  other round, so a slow patch of a shared machine hits both; list two contenders next
+  to each other and they run back to back, each first half the time; the per-round ratio
+  ``a/b``
   (:func:`paired_ratios`) is then the robust figure, its median the headline;
 * count FLOPs analytically (:func:`mlp_step_flops`) and compare with a float32 matrix
   product timed on the same machine in the same run (:func:`matmul_gflops`).
@@ -43,8 +45,8 @@ def interleaved_times(thunks: Mapping[str, Callable[[], object]], repeats: int, 
                       warmup: int = 1) -> dict[str, np.ndarray]:
     """Time every thunk ``repeats`` times, one call of each per round.
 
-    Round ``r`` runs the thunks in an order rotated by ``r``, so none always runs first.
-    Returns ``{name: seconds (repeats,)}``; entry ``r`` of every array is from round ``r``,
+    Even rounds run the thunks in the given order, odd rounds in reverse: neighbours in
+    ``thunks`` always run back to back, and neither always goes first. Returns ``{name: seconds (repeats,)}``; entry ``r`` of every array is from round ``r``,
     which pairs them for :func:`paired_ratios`. ``warmup`` untimed rounds run first.
     """
     if repeats < 1:
@@ -55,8 +57,7 @@ def interleaved_times(thunks: Mapping[str, Callable[[], object]], repeats: int, 
             jax.block_until_ready(thunks[name]())
     times = {name: np.empty(repeats) for name in names}
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in (names if r % 2 == 0 else names[::-1]):
             times[name][r] = time_call(thunks[name])
     return times
 
@@ -130,6 +131,30 @@ def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 10, key=None,
     flops = 2 * m * k * n
     return {"shape": [m, k, n], **stats, "gflops": flops / stats["median"] / 1e9,
             "gflops_best": flops / stats["min"] / 1e9}
+
+
+def product_forms_gflops(batch: int, n_in: int, n_out: int, *, repeats: int = 5,
+                         key=None, dtype=jnp.float32) -> dict:
+    """GFLOP/s of the three products of a dense layer, timed interleaved.
+
+    ``forward`` is ``a W`` (B, in)@(in, out); ``input_grad`` is ``δ Wᵀ``; ``weight_grad``
+    is ``aᵀ δ``, which sums over the batch. A backend may run these at different speeds,
+    which bounds how close a whole training step can come to a plain product's peak.
+    """
+    key = jax.random.key(0) if key is None else key
+    ka, kw, kd = jax.random.split(key, 3)
+    a = jax.random.normal(ka, (batch, n_in), dtype)
+    w = jax.random.normal(kw, (n_in, n_out), dtype)
+    delta = jax.random.normal(kd, (batch, n_out), dtype)
+    forms = {"forward": (lambda a, w, d: a @ w),
+             "input_grad": (lambda a, w, d: d @ w.T),
+             "weight_grad": (lambda a, w, d: a.T @ d)}
+    compiled = {name: compile_timed(f, a, w, delta)[0] for name, f in forms.items()}
+    times = interleaved_times({name: (lambda c=c: c(a, w, delta)) for name, c in compiled.items()},
+                              repeats)
+    flops = 2 * batch * n_in * n_out
+    return {"shape": [batch, n_in, n_out],
+            **{name: flops / float(np.median(t)) / 1e9 for name, t in times.items()}}
 
 
 def compiled_stats(compiled) -> dict:

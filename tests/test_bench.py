@@ -82,11 +82,11 @@ def test_paired_ratios_rejects_bad_series(a, b):
         bench.paired_ratios(a, b)
 
 
-def test_interleaved_times_rotates_the_order_and_pairs_rounds():
+def test_interleaved_times_alternates_the_order_and_pairs_rounds():
     calls = []
     thunks = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     times = bench.interleaved_times(thunks, repeats=3, warmup=1)
-    assert calls == list("abc" + "abc" + "bca" + "cab")
+    assert calls == list("abc" + "abc" + "cba" + "abc")
     assert set(times) == set("abc")
     assert all(t.shape == (3,) and np.all(t >= 0) for t in times.values())
     with pytest.raises(ValueError, match="repeats"):
@@ -138,6 +138,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
             "wall_s"} <= set(results)
     assert {"platform", "device_kind", "jax", "jaxlib", "cpu_count"} <= set(results["device"])
     assert results["peak_matmul"]["gflops"] > 0
+    assert {"forward", "input_grad", "weight_grad"} <= set(results["product_forms_gflops"])
     assert set(results["summary"]["targets"]) == {
         "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
         "manual_temp_le_autodiff"}
