@@ -4,7 +4,6 @@ layer type, inputs and targets for every loss, and the references computed by JA
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jbp
 from jbp.activations import ACTIVATIONS
@@ -15,13 +14,6 @@ L = jbp.losses
 TOL = {jnp.float64: 1e-10, jnp.float32: 2e-5}
 BATCH = 5
 KEY = jax.random.key(42)  # the fixed dropout key
-
-
-@pytest.fixture(params=[jnp.float64, jnp.float32], ids=["float64", "float32"])
-def precision(request):
-    """Run in float64 (x64 enabled inside the test only) and in float32."""
-    with jax.enable_x64(request.param == jnp.float64):
-        yield request.param
 
 
 def _zoo():
