@@ -45,6 +45,18 @@ def mixed(dtype):
 ZOO["mixed"] = (mixed, (2, 2), {"key": KEY, "train": True})
 
 
+def every_activation(dtype):
+    """Every activation in one deep chain (for curvature: each σ′ is differentiated again)."""
+    layers = []
+    for name in ACTIVATIONS:
+        layers += [jbp.dense(4, dtype=dtype), jbp.activations.get(name)]
+    return layers + [jbp.dense(3, dtype=dtype)]
+
+
+# Models that case() knows but the per-layer-type parametrisations leave out.
+EXTRA = {"activations": (every_activation, (4,), {})}
+
+
 def target(loss, out_dim, batch, rng, dtype):
     if loss is L.softmax_cross_entropy:
         return jnp.asarray(rng.integers(0, out_dim, batch), jnp.int32)
@@ -73,7 +85,7 @@ def random_params(model, in_shape, rng, dtype):
 
 def case(name, dtype, loss=L.softmax_cross_entropy, batch=BATCH, seed=0):
     """``(model, params, x, y, kwargs)`` for the zoo entry ``name``; biases are nonzero."""
-    layers, in_shape, kwargs = ZOO[name]
+    layers, in_shape, kwargs = ZOO[name] if name in ZOO else EXTRA[name]
     layers = layers(dtype)
     model = layers[0] if len(layers) == 1 else jbp.serial(*layers)
     rng = np.random.default_rng(seed)
