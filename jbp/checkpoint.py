@@ -103,11 +103,15 @@ def load(path, template):
         raise ValueError(f"{path}: checkpoint is from a different model: leaf {first} "
                          f"{'is missing from the checkpoint' if first in missing else 'differs'}"
                          f" (missing {missing}, unexpected {extra})")
-    for p, want, got in zip(t_paths, t_arrays, stored):
-        if want.shape != got.shape or want.dtype != got.dtype:
-            raise ValueError(f"{path}: checkpoint is from a different model: leaf {p} has "
-                             f"shape {got.shape} dtype {got.dtype} in the checkpoint, the "
-                             f"model expects shape {want.shape} dtype {want.dtype}")
+    bad = [(p, want, got) for p, want, got in zip(t_paths, t_arrays, stored)
+           if want.shape != got.shape or want.dtype != got.dtype]
+    if bad:
+        p, want, got = bad[0]
+        raise ValueError(f"{path}: checkpoint is from a different model: leaf {p} has "
+                         f"shape {got.shape} dtype {got.dtype} in the checkpoint, the model "
+                         f"expects shape {want.shape} dtype {want.dtype}; {len(bad)} leaves "
+                         f"differ: {', '.join(b[0] for b in bad[:8])}"
+                         f"{', ...' if len(bad) > 8 else ''}")
     if index["structure"] != t_structure:
         raise ValueError(f"{path}: checkpoint tree structure differs from the template:\n"
                          f"  checkpoint: {index['structure']}\n  template:   {t_structure}")

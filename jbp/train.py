@@ -193,6 +193,11 @@ _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 
 # ---------------------------------------------------------------------------- fit
 
+def _checkpoint_tree(params, opt_state, step, key):
+    # "params" sorts before "state", so a different model is reported by a params leaf first.
+    return {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
+
+
 def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
         learning_rate: float = 1e-3, epochs: int | None = None, steps: int | None = None,
         batch_size: int = 128, grad="manual", eval_data=None, checkpoint_dir=None,
@@ -268,13 +273,12 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
     config = {"batch_size": batch_size, "n": n}
     ck_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if resume and ck_path.exists():
-        template = {"params": params, "opt_state": opt_state, "step": 0, "key": key}
-        state, meta = checkpoint.load(ck_path, template)
+        saved, meta = checkpoint.load(ck_path, _checkpoint_tree(params, opt_state, 0, key))
         if meta["config"] != config:
             raise ValueError(f"fit: checkpoint {ck_path} was written with {meta['config']}, "
                              f"this run has {config}; resuming would not repeat the same run")
-        params, opt_state, step, key = (state["params"], state["opt_state"], state["step"],
-                                        state["key"])
+        params, state = saved["params"], saved["state"]
+        opt_state, step, key = state["opt_state"], state["step"], state["key"]
         history = meta["history"]
 
     def record_eval(epoch):
@@ -309,8 +313,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
         bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
         record_eval(epoch + 1)
         if ck_path is not None:
-            checkpoint.save(ck_path, {"params": params, "opt_state": opt_state, "step": step,
-                                      "key": key}, meta={"config": config, "history": history})
+            checkpoint.save(ck_path, _checkpoint_tree(params, opt_state, step, key),
+                            meta={"config": config, "history": history})
         if on_epoch is not None:
             on_epoch(epoch + 1, params, history)
     bar.close()
