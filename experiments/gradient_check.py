@@ -61,7 +61,7 @@ def check_one(depth, activation, loss, dtype, width, seed):
 def heat_map(rows, depths, activations, losses, dtypes, path):
     pyplot = plt()
     cols = [(loss, d) for loss in losses for d in depths]
-    fig, axes = pyplot.subplots(2, len(dtypes), figsize=(4 + 1.6 * len(cols) * len(dtypes),
+    fig, axes = pyplot.subplots(2, len(dtypes), figsize=(2 + (1.5 + 0.7 * len(cols)) * len(dtypes),
                                                          2 + 0.9 * len(activations)),
                                 squeeze=False, constrained_layout=True)
     index = {(r["depth"], r["activation"], r["loss"], r["dtype"]): r for r in rows}
@@ -71,7 +71,8 @@ def heat_map(rows, depths, activations, losses, dtypes, path):
             grid = np.array([[index[(d, a, loss, dtype)][key] for loss, d in cols]
                              for a in activations])
             ax = axes[i, j]
-            im = ax.imshow(np.log10(np.maximum(grid, 1e-17)), vmin=-17, vmax=-2, cmap="viridis")
+            im = ax.imshow(np.log10(np.maximum(grid, 1e-17)), vmin=-17, vmax=-2, cmap="viridis",
+                           aspect="auto")
             ax.set_title(f"{title} ({dtype})", fontsize=10)
             ax.set_yticks(range(len(activations)), activations)
             ax.set_xticks(range(len(cols)), [f"{loss[:7]}\ndepth {d}" for loss, d in cols],
