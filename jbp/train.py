@@ -81,15 +81,17 @@ def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
 
 
 def _as_key(key):
+    """A typed PRNG key; raw ``uint32[2]`` keys (``jax.random.PRNGKey``) are wrapped."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
     try:
-        key = jnp.asarray(key)
-    except TypeError:
-        key = None
-    if key is None or key.dtype != jnp.uint32 or key.shape != (2,):
-        raise ValueError("fit: key must be a PRNG key, e.g. jax.random.key(0)")
-    return jax.random.wrap_key_data(key)
+        raw = jnp.asarray(key)
+    except (TypeError, ValueError):
+        raw = None
+    if raw is None or raw.dtype != jnp.uint32 or raw.shape != (2,):
+        got = (f"{raw.dtype}{list(raw.shape)}" if raw is not None else type(key).__name__)
+        raise ValueError(f"fit: key must be a PRNG key, e.g. jax.random.key(0), got {got}")
+    return jax.random.wrap_key_data(raw)
 
 
 def _split_data(data, name):

@@ -84,6 +84,12 @@ def test_same_seed_gives_identical_params_and_another_seed_does_not(setup):
     assert not _equal(a, c)
 
 
+def test_a_raw_uint32_key_works_like_the_typed_key(setup):
+    typed, _ = _fit(setup, key=jax.random.key(1))
+    raw, _ = _fit(setup, key=jax.random.PRNGKey(1))
+    assert _equal(typed, raw)
+
+
 def test_python_loop_and_scan_agree(setup):
     scan, _ = _fit(setup, loop="scan")
     python, _ = _fit(setup, loop="python")
@@ -135,7 +141,8 @@ def test_progress_bar_shows_the_loss_or_stays_silent(setup, capsys):
     ({"steps": 5, "epochs": 2}, "give epochs or steps, not both"),
     ({"resume": True}, "resume=True needs a checkpoint_dir"),
     ({"loop": "fori"}, "loop must be one of"),
-    ({"key": 3}, "key must be a PRNG key"),
+    ({"key": 3}, r"key must be a PRNG key, e.g. jax.random.key\(0\), got int32"),
+    ({"key": None}, "key must be a PRNG key.*got NoneType"),
 ])
 def test_bad_arguments(setup, kwargs, message):
     with pytest.raises(ValueError, match=message):
