@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import io
 import random
 
 import numpy as np
@@ -222,3 +223,32 @@ def test_load_mnist_rejects_bad_idx_content_with_verified_digest(tmp_path):
     _rewrite(tmp_path, checks, name, _idx_bytes(np.zeros((5, 28, 28)), 2051))
     with pytest.raises(ValueError, match="5 images but 6 labels"):
         load_mnist(tmp_path, checks=checks)
+
+
+def test_download_verifies_and_falls_back_to_the_next_mirror(tmp_path, monkeypatch):
+    _, checks = _write_mnist(tmp_path / "src")
+    served = {name: (tmp_path / "src" / name).read_bytes() for name in checks}
+    bad_mirror = jdata.MNIST_MIRRORS[0]
+    fetched = []
+
+    def fake_urlopen(url, timeout):
+        fetched.append(url)
+        if url.startswith(bad_mirror):
+            return io.BytesIO(b"a corrupt download")
+        return io.BytesIO(served[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(jdata.urllib.request, "urlopen", fake_urlopen)
+    d = load_mnist(tmp_path / "dl", download=True, checks=checks)
+    assert d.x_train.shape == (6, 28, 28)
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(checks)
+    assert len(fetched) == 8  # each file: the bad mirror, then the good one
+    load_mnist(tmp_path / "dl", checks=checks)  # now offline
+
+
+def test_download_names_the_file_when_every_mirror_fails(tmp_path, monkeypatch):
+    _, checks = _write_mnist(tmp_path / "src")
+    monkeypatch.setattr(jdata.urllib.request, "urlopen",
+                        lambda url, timeout: io.BytesIO(b"not it"))
+    with pytest.raises(RuntimeError, match="could not download train-images-idx3-ubyte.gz"):
+        load_mnist(tmp_path / "dl", download=True, checks=checks)
+    assert not list((tmp_path / "dl").iterdir())  # nothing half-written left behind
