@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import jbp
 from jbp import bench, cli
-from jbp.io import write_json
+from jbp.io import write_atomic, write_json
 
 N_CLASSES = 10
 GRID = {"batch": (64, 1024), "width": (128, 512, 2048), "depth": (2, 4),
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed rounds per grid point (default 3, quick 0.2)")
     parser.add_argument("--min-repeats", type=int, default=None,
-                        help="timed rounds at least, however slow (default 3, quick 3)")
+                        help="timed rounds at least, however slow (default 5, quick 3)")
     parser.add_argument("--max-repeats", type=int, default=200, help="timed rounds at most")
     args = parser.parse_args(argv)
     grid = dict(QUICK_GRID if args.quick else GRID)
@@ -94,7 +94,7 @@ def parse_args(argv=None):
         parser.error(str(err))
     args.grid = grid
     args.budget = args.budget or (0.2 if args.quick else 3.0)
-    args.min_repeats = args.min_repeats or 3
+    args.min_repeats = args.min_repeats or (3 if args.quick else 5)
     if args.max_repeats < args.min_repeats:
         parser.error(f"--max-repeats: expected >= --min-repeats ({args.min_repeats}), "
                      f"got {args.max_repeats}")
@@ -230,11 +230,14 @@ def summarize(points, peak) -> dict:
     grad_ratios = np.array([p["ratio_grad"]["median"] for p in points])
     largest = max(points, key=lambda p: p["flops"]["step"])
     peak_gflops = peak["gflops"]
-    temp = [(p["xla"]["manual_step"]["memory"].get("temp_bytes"),
-             p["xla"]["autodiff_step"]["memory"].get("temp_bytes"),
-             p["xla"]["manual_grad"]["memory"].get("temp_bytes"),
-             p["xla"]["autodiff_grad"]["memory"].get("temp_bytes")) for p in points]
-    known = [t for t in temp if None not in t]
+
+    def temp_larger(kind):
+        """Points where manual's temp bytes exceed autodiff's (None: not reported)."""
+        temps = [(p["xla"][f"manual_{kind}"]["memory"].get("temp_bytes"),
+                  p["xla"][f"autodiff_{kind}"]["memory"].get("temp_bytes")) for p in points]
+        if any(None in t for t in temps):
+            return None
+        return [label(p) for p, (m, a) in zip(points, temps) if m > a]
     out = {
         "ratio_step_median": float(np.median(ratios)),
         "ratio_step_max": float(ratios.max()),
@@ -248,17 +251,18 @@ def summarize(points, peak) -> dict:
         "largest_manual_step_peak_fraction": largest["gflops"]["manual_step"] / peak_gflops,
         "largest_manual_step_vs_own_matmul": largest["step_vs_matmul"]["manual"],
         "xla_flops_over_count_max": max(p["xla_flops_over_count"] for p in points),
-        "temp_points_manual_gt_autodiff": (
-            [label(p) for p, t in zip(points, temp) if None not in t and
-             (t[0] > t[1] or t[2] > t[3])] if known else None),
+        "step_temp_manual_gt_autodiff_at": temp_larger("step"),
+        "grad_temp_manual_gt_autodiff_at": temp_larger("grad"),
     }
     out["targets"] = {
         "ratio_median_le_1.00": out["ratio_step_median"] <= TARGETS["ratio_median_max"],
         "no_point_above_1.05": out["ratio_step_max"] <= TARGETS["ratio_point_max"],
         "largest_ge_90pct_peak": (out["largest_manual_step_peak_fraction"]
                                   >= TARGETS["peak_fraction_min"]),
-        "manual_temp_le_autodiff": (not out["temp_points_manual_gt_autodiff"]
-                                    if known else None),
+        "manual_step_temp_le_autodiff": (None if out["step_temp_manual_gt_autodiff_at"] is None
+                                         else not out["step_temp_manual_gt_autodiff_at"]),
+        "manual_grad_temp_le_autodiff": (None if out["grad_temp_manual_gt_autodiff_at"] is None
+                                         else not out["grad_temp_manual_gt_autodiff_at"]),
     }
     return out
 
@@ -343,11 +347,14 @@ def main(argv=None):
                                   jax.random.fold_in(k_grid, i), args))
     bar.close()
     peak_end = measure_peak(args.grid, k_peak, peak_repeats)
-    # The faster of the two measurements is the peak: the conservative choice for the
-    # "fraction of peak" figure.
-    peak = max(peak_start, peak_end, key=lambda p: p["gflops"])
-    peak = {**peak, "start": peak_start, "end": peak_end}
+    # The same product is also timed inside the rounds of every point of that shape. On a
+    # shared machine each figure is a low bound, so the peak is the fastest of them: the
+    # conservative choice for the "fraction of peak" target.
     b, w = max(args.grid["batch"]), max(args.grid["width"])
+    in_rounds = [p["gflops"]["matmul"] for p in points if (p["batch"], p["width"]) == (b, w)]
+    peak = {**max(peak_start, peak_end, key=lambda p: p["gflops"]), "start": peak_start,
+            "end": peak_end, "in_rounds": in_rounds}
+    peak["gflops"] = max([peak["gflops"], *in_rounds])
     forms = bench.product_forms_gflops(b, w, w, repeats=peak_repeats, key=k_peak)
     summary = summarize(points, peak)
     results = {
@@ -368,8 +375,35 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     plot(points, peak, args.out)
+    write_atomic(args.out / "table.md", lambda f: f.write(markdown(results).encode()))
     print_table(points, summary)
     print(f"wrote {args.out / 'results.json'} and plots in {time.perf_counter() - start:.0f} s")
+
+
+def markdown(results) -> str:
+    """The per-point table and the summary of a results.json, as Markdown."""
+    s, peak = results["summary"], results["peak_matmul"]
+    lines = ["| point | step ms manual | step ms autodiff | step ratio (IQR) | grad ratio | "
+             "GFLOP/s manual step | step / own matmul | temp MiB manual | temp MiB autodiff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in results["points"]:
+        r, t = p["ratio_step"], p["time_s"]
+        mem = [p["xla"][f"{k}_step"]["memory"].get("temp_bytes", math.nan) / 2**20
+               for k in ("manual", "autodiff")]
+        lines.append(f"| {label(p)} | {t['manual_step']['median'] * 1e3:.2f} | "
+                     f"{t['autodiff_step']['median'] * 1e3:.2f} | {r['median']:.3f} "
+                     f"({r['q25']:.2f}–{r['q75']:.2f}) | {p['ratio_grad']['median']:.3f} | "
+                     f"{p['gflops']['manual_step']:.1f} | {p['step_vs_matmul']['manual']:.2f} | "
+                     f"{mem[0]:.2f} | {mem[1]:.2f} |")
+    lines += ["", f"Step ratio manual/autodiff: median {s['ratio_step_median']:.3f}, max "
+              f"{s['ratio_step_max']:.3f} ({s['ratio_step_max_at']}); gradient-only ratio: "
+              f"median {s['ratio_grad_median']:.3f}, max {s['ratio_grad_max']:.3f}.",
+              f"Largest point {s['largest_point']}: manual step "
+              f"{s['largest_manual_step_gflops']:.1f} GFLOP/s, autodiff step "
+              f"{s['largest_autodiff_step_gflops']:.1f} GFLOP/s; measured float32 matmul peak "
+              f"{peak['gflops']:.1f} GFLOP/s ({'×'.join(map(str, peak['shape']))}), so "
+              f"{100 * s['largest_manual_step_peak_fraction']:.0f}% of peak."]
+    return "\n".join(lines) + "\n"
 
 
 def print_table(points, s):

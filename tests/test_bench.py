@@ -131,7 +131,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for png in ("step_time.png", "ratio.png", "gflops.png"):
+    for png in ("step_time.png", "ratio.png", "gflops.png", "table.md"):
         assert (out / png).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert {"experiment", "command", "device", "config", "peak_matmul", "summary", "points",
@@ -141,7 +141,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert {"forward", "input_grad", "weight_grad"} <= set(results["product_forms_gflops"])
     assert set(results["summary"]["targets"]) == {
         "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
-        "manual_temp_le_autodiff"}
+        "manual_step_temp_le_autodiff", "manual_grad_temp_le_autodiff"}
     grid = results["config"]["grid"]
     n_points = np.prod([len(grid[k]) for k in ("batch", "width", "depth", "activation")])
     assert len(results["points"]) == n_points >= 2
