@@ -35,8 +35,8 @@ from jbp import bench, cli
 from jbp.io import write_json
 
 N_CLASSES = 10
-FULL = {"hidden": (256, 256), "batch": 256, "steps": 3000, "learning_rate": 0.1,
-        "momentum": 0.9, "l2_norm_clip": 1.0, "noise_multiplier": 1.1, "eval_every": 250,
+FULL = {"hidden": (128, 128), "batch": 128, "steps": 1500, "learning_rate": 0.1,
+        "momentum": 0.9, "l2_norm_clip": 1.0, "noise_multiplier": 1.1, "eval_every": 150,
         "timing_rounds": 30}
 QUICK = {"hidden": (16,), "batch": 32, "steps": 20, "learning_rate": 0.1, "momentum": 0.9,
          "l2_norm_clip": 1.0, "noise_multiplier": 1.1, "eval_every": 10, "timing_rounds": 3}
@@ -224,7 +224,8 @@ def main(argv=None):
     speedup = bench.paired_ratios(times["vmap_grad"], times["manual"])
 
     results = {"experiment": "dp_sgd", "device": info, "seed": args.seed, "quick": args.quick,
-               "data": args.data, "config": cfg, "model": model.name,
+               "data": args.data, "config": {**cfg, "quick": args.quick, "seed": args.seed},
+               "model": model.name,
                "update_max_rel_diff": update_rel_diff,
                "final_params_max_rel_diff": param_diff,
                "runs": runs, "step_speedup_vmap_over_manual": speedup,

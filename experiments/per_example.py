@@ -55,10 +55,18 @@ def vmap_grad_norms(model, loss):
     return norms
 
 
+def init_params(model, key, in_size):
+    """``model.init`` jitted: one compile instead of one per eager random op."""
+    return jax.jit(lambda k: model.init(k, (in_size,))[1])(key)
+
+
 def data(key, batch, width, dtype=jnp.float32):
-    kx, ky = jax.random.split(key)
-    return (jax.random.normal(kx, (batch, width), dtype),
-            jax.random.randint(ky, (batch,), 0, N_CLASSES))
+    def draw(key):
+        kx, ky = jax.random.split(key)
+        return (jax.random.normal(kx, (batch, width), dtype),
+                jax.random.randint(ky, (batch,), 0, N_CLASSES))
+
+    return jax.jit(draw)(key)
 
 
 def max_rel_err(a, b) -> float:
@@ -71,7 +79,7 @@ def float64_check(seed: int) -> float:
     loss = jbp.losses.softmax_cross_entropy
     with jax.enable_x64(True):
         model = jbp.mlp([20, 32, 32, N_CLASSES], "relu", dtype=jnp.float64)
-        _, params = model.init(jax.random.key(seed), (20,))
+        params = init_params(model, jax.random.key(seed), 20)
         x, y = data(jax.random.key(seed + 1), 16, 20, jnp.float64)
         manual = jax.jit(jbp.per_example_grad_norms(model, loss))(params, x, y)
         ref = jax.jit(vmap_grad_norms(model, loss))(params, x, y)
@@ -82,7 +90,7 @@ def run_point(batch, width, depth, seed, budget_s) -> dict:
     loss = jbp.losses.softmax_cross_entropy
     model = model_for(width, depth)
     k_init, k_data = jax.random.split(jax.random.fold_in(jax.random.key(seed), batch * 7919 + width))
-    _, params = model.init(k_init, (width,))
+    params = init_params(model, k_init, width)
     x, y = data(k_data, batch, width)
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
     funcs = {"manual": jbp.per_example_grad_norms(model, loss),
@@ -168,7 +176,8 @@ def main(argv=None):
                       temp_bytes_ratio=target_point["temp_bytes_ratio"])
 
     results = {"experiment": "per_example", "device": info, "seed": args.seed,
-               "quick": args.quick, "config": cfg, "float64_max_rel_err": f64_err,
+               "quick": args.quick, "config": {**cfg, "quick": args.quick, "seed": args.seed},
+               "float64_max_rel_err": f64_err,
                "float32_max_rel_err": max(p["max_rel_err"] for p in points),
                "points": points, "target": target,
                "wall_s": time.perf_counter() - start,
