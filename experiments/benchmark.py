@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         f"separated (default {','.join(GRID['activation'])}; valid: "
                         f"{', '.join(jbp.activations.ACTIVATIONS)})")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timed rounds per grid point (default 3, quick 0.2)")
+                        help="seconds of timed rounds per grid point (default 4, quick 0.2)")
     parser.add_argument("--min-repeats", type=int, default=None,
                         help="timed rounds at least, however slow (default 5, quick 3)")
     parser.add_argument("--max-repeats", type=int, default=200, help="timed rounds at most")
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     except ValueError as err:
         parser.error(str(err))
     args.grid = grid
-    args.budget = args.budget or (0.2 if args.quick else 3.0)
+    args.budget = args.budget or (0.2 if args.quick else 4.0)
     args.min_repeats = args.min_repeats or (3 if args.quick else 5)
     if args.max_repeats < args.min_repeats:
         parser.error(f"--max-repeats: expected >= --min-repeats ({args.min_repeats}), "
