@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jbp
-from issue5_models import TOL, ZOO, L, case, rel_err
+from issue5_models import TOL, L, case, rel_err
 
 
 @pytest.mark.parametrize("name", ["tanh", "mixed", "dropout-eval"])
@@ -36,7 +36,9 @@ def _check_bridge(name, dtype):
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda g, p: g.dtype == p.dtype, grads, params))
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+# Every layer type appears in one of these (all activations in "activations"; flatten,
+# maxout and dropout with a key in "mixed"; dropout's None cache in "dropout-eval").
+@pytest.mark.parametrize("name", ["dense", "activations", "mixed", "dropout-eval", "dropout-key"])
 def test_jax_grad_through_bridge_equals_manual_and_autodiff_float64(name):
     with jax.enable_x64(True):
         _check_bridge(name, jnp.float64)
