@@ -95,12 +95,16 @@ HESSIAN_FACTORS = {
 """Square-root factors of the loss Hessian, ``(out, target) -> S (K, B, *out.shape[1:])``."""
 
 
-def loss_hessian_factor(loss: losses.Loss, out, target):
-    """``S (K, B, *out.shape[1:])`` with Σ_k S[k, i] S[k, i]ᵀ = ∂²C/∂out_i² for every example."""
+def _factor_for(loss: losses.Loss):
     if loss not in HESSIAN_FACTORS:
         raise ValueError(f"ggn_diagonal: no square-root Hessian factor for loss {loss.name!r}; "
                          f"supported: {', '.join(lo.name for lo in HESSIAN_FACTORS)}")
-    return HESSIAN_FACTORS[loss](out, target)
+    return HESSIAN_FACTORS[loss]
+
+
+def loss_hessian_factor(loss: losses.Loss, out, target):
+    """``S (K, B, *out.shape[1:])`` with Σ_k S[k, i] S[k, i]ᵀ = ∂²C/∂out_i² for every example."""
+    return _factor_for(loss)(out, target)
 
 
 def ggn_diagonal(model: Layer, loss: losses.Loss):
@@ -113,12 +117,11 @@ def ggn_diagonal(model: Layer, loss: losses.Loss):
     :mod:`jbp.per_example`.
     """
     _check(model, loss, "ggn_diagonal")
-    if loss not in HESSIAN_FACTORS:
-        loss_hessian_factor(loss, None, None)  # raises the error naming the loss
+    sqrt_hessian = _factor_for(loss)
 
     def diagonal(params, x, y, **kwargs):
         out, cache = model.forward(params, x, **kwargs)
-        factor = loss_hessian_factor(loss, out, y)
+        factor = sqrt_hessian(out, y)
 
         def squares(s):
             return trace(model, params, cache, s, lambda rule, c, d: rule.sum_sq(c, d))
