@@ -67,21 +67,29 @@ def _dense_sum_sq(a, delta):
 DENSE_RULE = PerExampleRule(_dense_grads, _dense_sq_norms, _dense_sum_sq)
 """Dense layer (cache ``a (B, in)``, delta ``(B, out)``): ∂ℓ_i/∂W = a_i δ_iᵀ, ∂ℓ_i/∂b = δ_i."""
 
-# Layers with parameters, by the module that builds them (one layer type per module).
-RULES: dict[str, PerExampleRule] = {"jbp.dense": DENSE_RULE}
-# Weightless layers that map every example on its own (so per-example deltas stay apart).
-EXAMPLEWISE: set[str] = {"jbp.activations", "jbp.maxout", "jbp.flatten", "jbp.dropout"}
-_SERIAL = "jbp.serial"
+# A layer's kind is the constructor that built its backward, e.g. "jbp.dense.dense".
+# Layers with parameters and their rules:
+RULES: dict[str, PerExampleRule] = {"jbp.dense.dense": DENSE_RULE}
+# Weightless layers that map every example on its own (so per-example deltas stay apart):
+EXAMPLEWISE: set[str] = {"jbp.activations.elementwise", "jbp.maxout.maxout",
+                         "jbp.flatten.flatten", "jbp.dropout.dropout"}
+_SERIAL = "jbp.serial.serial"
 
 
 def _kind(layer: Layer) -> str:
-    return getattr(layer.backward, "__module__", "?")
+    fn = layer.backward
+    qualname = getattr(fn, "__qualname__", "?").split(".<locals>")[0]
+    return f"{getattr(fn, '__module__', '?')}.{qualname}"
+
+
+def _names(kinds) -> str:
+    return ", ".join(sorted(k.rsplit(".", 1)[-1] for k in kinds))
 
 
 def _unsupported(layer: Layer, where: str, why: str) -> ValueError:
     return ValueError(f"{where} ({layer.name}): {why}; per-example quantities support serial "
-                      f"composites of {', '.join(sorted(k.removeprefix('jbp.') for k in RULES))} "
-                      f"(with parameters) and {', '.join(sorted(k.removeprefix('jbp.') for k in EXAMPLEWISE))}")
+                      f"composites of {_names(RULES)} (with parameters) and {_names(EXAMPLEWISE)} "
+                      f"(weightless; elementwise builds the activations)")
 
 
 def _walk(layer: Layer, params, cache, delta, hook, where: str):
