@@ -165,19 +165,21 @@ def bench_point(batch, width, depth, activation, key, args):
             return value
         return run
 
-    # Listed in pairs: manual and autodiff run back to back in every round (bench's order).
+    # Manual and autodiff run back to back and swap places every other round; each pair
+    # follows a light call (forward, matmul), so both members always follow the same.
     thunks = {
         "forward": lambda: compiled["forward"](params, x),
         "manual_grad": lambda: compiled["manual_grad"](params, x, y),
         "autodiff_grad": lambda: compiled["autodiff_grad"](params, x, y),
+        "matmul": lambda: compiled["matmul"](a_mm, w_mm),
         "manual_step": stepper("manual"),
         "autodiff_step": stepper("autodiff"),
-        "matmul": lambda: compiled["matmul"](a_mm, w_mm),
     }
+    pairs = [("manual_grad", "autodiff_grad"), ("manual_step", "autodiff_step")]
     # One untimed round warms every function up and sizes the number of timed rounds.
     one_round = sum(bench.time_call(t) for t in thunks.values())
     repeats = bench.repeats_for(one_round, args.budget, lo=args.min_repeats, hi=args.max_repeats)
-    times = bench.interleaved_times(thunks, repeats, warmup=0)
+    times = bench.interleaved_times(thunks, repeats, warmup=0, swap=pairs)
 
     flops = bench.mlp_step_flops(batch, sizes)
     mm_flops = 2 * batch * width * width

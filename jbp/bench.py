@@ -4,10 +4,11 @@ The rules (they keep a comparison of two jitted functions honest):
 
 * compile first and time it apart (:func:`compile_timed`); run time never includes it;
 * warm up, then time each call up to ``jax.block_until_ready`` of its result;
-* run the contenders interleaved, one call each per round, the order reversed every
-  other round, so a slow patch of a shared machine hits both; list two contenders next
-  to each other and they run back to back, each first half the time; the per-round ratio
-  ``a/b``
+* run the contenders interleaved, one call each per round, so a slow patch of a shared
+  machine hits both; the two of a pair run back to back and swap places every other
+  round, so each goes first half the time and then follows the same call: what ran just
+  before a call (a cache-trashing step, a light product) changes its time by a few
+  percent, so it must be the same for both; the per-round ratio ``a/b``
   (:func:`paired_ratios`) is then the robust figure, its median the headline;
 * count FLOPs analytically (:func:`mlp_step_flops`) and compare with a float32 matrix
   product timed on the same machine in the same run (:func:`matmul_gflops`).
@@ -42,22 +43,33 @@ def time_call(thunk: Callable[[], object]) -> float:
 
 
 def interleaved_times(thunks: Mapping[str, Callable[[], object]], repeats: int, *,
-                      warmup: int = 1) -> dict[str, np.ndarray]:
+                      warmup: int = 1, swap: Sequence[tuple[str, str]] = ()
+                      ) -> dict[str, np.ndarray]:
     """Time every thunk ``repeats`` times, one call of each per round.
 
-    Even rounds run the thunks in the given order, odd rounds in reverse: neighbours in
-    ``thunks`` always run back to back, and neither always goes first. Returns ``{name: seconds (repeats,)}``; entry ``r`` of every array is from round ``r``,
-    which pairs them for :func:`paired_ratios`. ``warmup`` untimed rounds run first.
+    Every round runs the thunks in the given order, except that in odd rounds the two
+    names of each pair in ``swap`` (neighbours in ``thunks``) exchange places. Put a third
+    thunk before each pair: then both members are preceded by it when first and by each
+    other when second. Returns ``{name: seconds (repeats,)}``; entry ``r`` of every array
+    is from round ``r``, which pairs them for :func:`paired_ratios`. ``warmup`` untimed
+    rounds run first.
     """
     if repeats < 1:
         raise ValueError(f"interleaved_times: repeats must be >= 1, got {repeats}")
     names = list(thunks)
+    swapped = list(names)
+    for a, b in swap:
+        i, j = (names.index(a), names.index(b)) if a in names and b in names else (-1, -1)
+        if abs(i - j) != 1:
+            raise ValueError(f"interleaved_times: swap pair ({a!r}, {b!r}) must name two "
+                             f"neighbouring thunks of {names}")
+        swapped[i], swapped[j] = names[j], names[i]
     for _ in range(warmup):
         for name in names:
             jax.block_until_ready(thunks[name]())
     times = {name: np.empty(repeats) for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in (names if r % 2 == 0 else swapped):
             times[name][r] = time_call(thunks[name])
     return times
 

@@ -82,15 +82,17 @@ def test_paired_ratios_rejects_bad_series(a, b):
         bench.paired_ratios(a, b)
 
 
-def test_interleaved_times_alternates_the_order_and_pairs_rounds():
+def test_interleaved_times_swaps_pairs_and_pairs_rounds():
     calls = []
-    thunks = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = bench.interleaved_times(thunks, repeats=3, warmup=1)
-    assert calls == list("abc" + "abc" + "cba" + "abc")
-    assert set(times) == set("abc")
+    thunks = {name: (lambda name=name: calls.append(name)) for name in "xabyc"}
+    times = bench.interleaved_times(thunks, repeats=3, warmup=1, swap=[("a", "b")])
+    assert calls == list("xabyc" + "xabyc" + "xbayc" + "xabyc")
+    assert set(times) == set("xabyc")
     assert all(t.shape == (3,) and np.all(t >= 0) for t in times.values())
     with pytest.raises(ValueError, match="repeats"):
         bench.interleaved_times(thunks, repeats=0)
+    with pytest.raises(ValueError, match="neighbouring"):
+        bench.interleaved_times(thunks, repeats=1, swap=[("a", "c")])
 
 
 def test_repeats_for_and_summary():
