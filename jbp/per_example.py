@@ -193,7 +193,7 @@ def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
 
     ``mean`` is the batch gradient (1/B) Σ_i ∇ℓ_i; ``variance`` is, per parameter,
     Σ_i (∇ℓ_i − mean)² / (B − ddof), computed as (Σ_i ∇ℓ_i² − B·mean²)/(B − ddof) without
-    forming ∇ℓ_i.
+    forming ∇ℓ_i (clipped at 0, where round-off would make it slightly negative).
     """
     who = "per_example_grad_variance"
     _check(model, loss, who)
