@@ -141,18 +141,16 @@ def train(model, step, params, optimizer, data, cfg, key, desc):
     return params, curve
 
 
-def synthetic_data(key, n_train=512, n_test=256, features=40) -> jbp.data.Dataset:
+def synthetic_data(seed, n_train=512, n_test=256, features=40) -> jbp.data.Dataset:
     """Ten Gaussian clusters in ``features`` dimensions (for tests without MNIST-1D)."""
-    k_mu, k_tr, k_te, k_ytr, k_yte = jax.random.split(key, 5)
-    mu = jax.random.normal(k_mu, (N_CLASSES, features)) * 1.5
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(N_CLASSES, features)) * 1.5
 
-    def draw(k_x, k_y, n):
-        y = jax.random.randint(k_y, (n,), 0, N_CLASSES)
-        return np.asarray(mu[y] + jax.random.normal(k_x, (n, features)), np.float32), np.asarray(y, np.int32)
+    def draw(n):
+        y = rng.integers(0, N_CLASSES, n)
+        return (mu[y] + rng.normal(size=(n, features))).astype(np.float32), y.astype(np.int32)
 
-    x_train, y_train = draw(k_tr, k_ytr, n_train)
-    x_test, y_test = draw(k_te, k_yte, n_test)
-    return jbp.data.Dataset(x_train, y_train, x_test, y_test)
+    return jbp.data.Dataset(*draw(n_train), *draw(n_test))
 
 
 def compare_updates(steps, params, opt_state, get, checks=3) -> float:
@@ -180,8 +178,8 @@ def main(argv=None):
           f"{info['cpu_count']} CPUs")
     cfg = QUICK if args.quick else FULL
     key = jax.random.key(args.seed)
-    k_data, k_init, k_check, k_train, k_time = jax.random.split(key, 5)
-    data = jbp.data.load_mnist1d() if args.data == "mnist1d" else synthetic_data(k_data)
+    _, k_init, k_check, k_train, k_time = jax.random.split(key, 5)
+    data = jbp.data.load_mnist1d() if args.data == "mnist1d" else synthetic_data(args.seed)
     features = data.x_train.shape[1]
     model = jbp.mlp([features, *cfg["hidden"], N_CLASSES], "relu")
     loss = jbp.losses.softmax_cross_entropy
