@@ -67,6 +67,8 @@ def _softmax_ce_per_example(logits, target):
 def _softmax_ce_grad(logits, target):
     y = _onehot_targets(logits, target, "softmax_cross_entropy")
     p = jnp.exp(_log_softmax(logits))
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        return (p - y) / logits.shape[0]
     # For probability targets that do not sum to 1 the general form is p·Σy − y.
     return (p * jnp.sum(y, axis=-1, keepdims=True) - y) / logits.shape[0]
 
