@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and docs/ run as written."""
 
 import contextlib
 import io
@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+BLOCKS = [(f"{path.name}:{i}", code)
+          for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+          for i, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))]
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs(code):
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path_factory, monkeypatch):
+    """MNIST-1D is generated into a cache of this test run, not the user's."""
+    monkeypatch.setenv("JBP_CACHE", str(tmp_path_factory.getbasetemp() / "jbp-cache"))
+
+
+@pytest.mark.parametrize("code", [code for _, code in BLOCKS], ids=[name for name, _ in BLOCKS])
+def test_python_block_runs(code):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
