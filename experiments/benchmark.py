@@ -101,17 +101,6 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ''."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def adam_step(grad_fn, optimizer):
     """``step(params, opt_state, x, y) -> (params, opt_state, loss)`` driven by ``grad_fn``."""
 
@@ -329,13 +318,7 @@ def measure_peak(grid, key, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = cli.select_platform(args.platform)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    info = {**cli.device_info(device), "cpu_model": cpu_model()}
-    print(f"device: {info['platform']} {info['device_kind']} ({info['cpu_model'] or info['processor']}, "
-          f"{info['cpu_count']} cores), jax {info['jax']}, jaxlib {info['jaxlib']}")
+    info = cli.start_device(args.platform)
     start = time.perf_counter()
     key = jax.random.key(args.seed)
     k_peak, k_grid = jax.random.split(key)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp.cli import device_info, experiment_parser, plt, select_platform
+from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
@@ -101,13 +101,7 @@ def plot(out, runs, diffs):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = select_platform(args.platform)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    info = device_info(device)
-    print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
-          f"{info['cpu_count']} CPUs")
+    info = start_device(args.platform)
     data = jbp.data.load_mnist1d()
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)

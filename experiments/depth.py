@@ -12,7 +12,7 @@ import time
 import jax
 
 import jbp
-from jbp.cli import device_info, experiment_parser, plt, select_platform
+from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
 N_IN, N_OUT = 40, 10
@@ -69,13 +69,7 @@ def plot(path, runs, depths):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = select_platform(args.platform)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    info = device_info(device)
-    print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
-          f"{info['cpu_count']} CPUs")
+    info = start_device(args.platform)
     data = jbp.data.load_mnist1d()
     runs = []
     print(f"{'depth':>5}{'width':>7}{'params':>9}{'train acc':>11}{'test acc':>10}{'seconds':>9}")

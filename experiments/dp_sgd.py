@@ -172,10 +172,7 @@ def main(argv=None):
     parser.add_argument("--data", choices=["mnist1d", "synthetic"], default="mnist1d",
                         help="MNIST-1D (generated offline and cached) or Gaussian clusters")
     args = parser.parse_args(argv)
-    device = cli.select_platform(args.platform)
-    info = cli.device_info(device)
-    print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
-          f"{info['cpu_count']} CPUs")
+    info = cli.start_device(args.platform)
     cfg = QUICK if args.quick else FULL
     key = jax.random.key(args.seed)
     _, k_init, k_check, k_train, k_time = jax.random.split(key, 5)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import device_info, experiment_parser, plt, select_platform
+from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
 # manual vs autodiff must agree to these (normwise relative); vs float64 finite
@@ -91,8 +91,7 @@ def main(argv=None):
     if args.width <= 0:
         parser.error(f"--width must be positive, got {args.width}")
     jax.config.update("jax_enable_x64", True)   # for the finite-difference witness
-    device = select_platform(args.platform)
-    print(f"device: {device.platform} ({device.device_kind})")
+    info = start_device(args.platform)
 
     if args.quick:
         depths, activations = [1], ["relu", "sigmoid"]
@@ -127,7 +126,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     heat_map(rows, depths, activations, losses, dtypes, args.out / "gradient_check.png")
     write_json(args.out / "results.json", {
-        "all_ok": all_ok, "rows": rows, "device": device_info(device),
+        "all_ok": all_ok, "rows": rows, "device": info,
         "config": {"depths": depths, "activations": activations, "losses": losses,
                    "dtypes": dtypes, "width": args.width, "batch": BATCH, "seed": args.seed,
                    "quick": args.quick, "tol_autodiff": TOL_AUTODIFF, "tol_fd": TOL_FD}})

@@ -153,10 +153,7 @@ def plot(points, cfg, out):
 def main(argv=None):
     parser = cli.experiment_parser(__doc__.split("\n\n")[0], "runs/per_example")
     args = parser.parse_args(argv)
-    device = cli.select_platform(args.platform)
-    info = cli.device_info(device)
-    print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
-          f"{info['cpu_count']} CPUs")
+    info = cli.start_device(args.platform)
     cfg = QUICK if args.quick else FULL
     grid = sorted({(b, max(cfg["widths"])) for b in cfg["batches"]}
                   | {(max(cfg["batches"]), w) for w in cfg["widths"]})

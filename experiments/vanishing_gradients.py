@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jbp
-from jbp.cli import device_info, experiment_parser, plt, select_platform
+from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
 LOSS = jbp.losses.softmax_cross_entropy
@@ -78,13 +78,7 @@ def plot(path, results, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = select_platform(args.platform)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    info = device_info(device)
-    print(f"device: {info['platform']} ({info['device_kind']}), jax {info['jax']}, "
-          f"{info['cpu_count']} CPUs")
+    info = start_device(args.platform)
     data = jbp.data.load_mnist1d()
     x_probe, y_probe = data.x_train[: args.probe], data.y_train[: args.probe]
     record_at = sorted(set(args.record_at))

@@ -36,3 +36,19 @@ from jbp.serial import mlp, serial
 from jbp.train import fit
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # modules
+    "activations", "checkpoint", "data", "losses",
+    # the layer protocol and the layers
+    "Layer", "dense", "dropout", "flatten", "maxout", "serial", "mlp", "elementwise",
+    "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
+    # gradients and checking them
+    "Loss", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",
+    "numerical_value_and_grad", "finite_difference_grad", "compare_grads", "GradComparison",
+    # training
+    "fit",
+    # beyond the gradient
+    "as_custom_vjp", "per_example_grads", "per_example_grad_norms", "per_example_grad_variance",
+    "clipped_grad_mean", "hvp", "ggn_diagonal",
+]

@@ -54,7 +54,34 @@ def device_info(device: jax.Device) -> dict:
         "jaxlib": jaxlib.__version__,
         "cpu_count": os.cpu_count(),
         "processor": _platform.processor() or _platform.machine(),
+        "cpu_model": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ''."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def start_device(platform: str | None) -> dict:
+    """Select the backend for an experiment, print the device line it starts with, and
+    return :func:`device_info`. A missing backend ends the script with an error that names
+    the backends there are."""
+    try:
+        device = select_platform(platform)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    info = device_info(device)
+    cpu = f"{info['cpu_model'] or info['processor']}, " if info["platform"] == "cpu" else ""
+    print(f"device: {info['platform']} ({cpu}{info['device_kind']}), jax {info['jax']}, "
+          f"{info['cpu_count']} CPUs")
+    return info
 
 
 def plt():

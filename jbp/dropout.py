@@ -8,7 +8,6 @@ Shapes: any ``x (B, ...)``; cache: the scaled mask (shape of ``x``), or None in 
 """
 
 import jax
-import jax.numpy as jnp
 
 from jbp.layer import Layer, as_shape, check_empty_params
 
