@@ -14,10 +14,18 @@ import jax
 import jaxlib
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: there the help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def experiment_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """An ArgumentParser with the flags every experiment has."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a tiny configuration that runs in seconds (used by the tests)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
