@@ -35,11 +35,13 @@ def cast(tree, dtype):
 
 
 def rel_err(got, want) -> float:
-    """max over leaves of ‖got − want‖ / ‖want‖, in float64 numpy."""
+    """Max over leaves of the normwise relative error ‖got − want‖/‖want‖ (float64 numpy);
+    the two pytrees must have one structure and equal leaf shapes."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     errs = []
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        assert g.shape == w.shape
+        assert g.shape == w.shape, (g.shape, w.shape)
         diff = np.linalg.norm(g - w)
         errs.append(0.0 if diff == 0 else diff / max(np.linalg.norm(w), 1e-300))
     return max(errs, default=0.0)

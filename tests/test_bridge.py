@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jbp
-from issue5_models import TOL, L, case, rel_err
+from reference_models import TOL, L, case, rel_err
 
 
 @pytest.mark.parametrize("name", ["tanh", "mixed", "dropout-eval"])

@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jbp
-from issue5_models import BATCH, TOL, L, case, random_params, rel_err, target
+from reference_models import BATCH, TOL, L, case, random_params, rel_err, target
 
 LOSSES = [L.softmax_cross_entropy, L.mean_squared_error, L.sigmoid_binary_cross_entropy]
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import jbp
-from issue5_models import BATCH, TOL, L, case, flat_norms, rel_err, reference_per_example_grads
+from reference_models import BATCH, TOL, L, case, flat_norms, rel_err, reference_per_example_grads
 
 LOSSES = [L.softmax_cross_entropy, L.mean_squared_error, L.sigmoid_binary_cross_entropy]
 

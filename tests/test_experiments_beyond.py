@@ -1,4 +1,4 @@
-"""The issue-5 experiments run with --quick as real processes and write their files."""
+"""The per-example and DP-SGD experiments run with --quick as real processes and write their files."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""Shared fixtures of the issue-5 tests (bridge, per-example, curvature): one small model per
+"""Shared fixtures of the bridge, per-example and curvature tests: one small model per
 layer type, inputs and targets for every loss, and the references computed by JAX itself."""
 
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 
 import jbp
 from jbp.activations import ACTIVATIONS
+from conftest import rel_err  # noqa: F401  (re-exported for the tests that import from here)
 
 L = jbp.losses
 # Normwise relative error allowed between a quantity from the hand-written backward and the
@@ -92,19 +93,6 @@ def case(name, dtype, loss=L.softmax_cross_entropy, batch=BATCH, seed=0):
     (out_dim,), params = random_params(model, in_shape, rng, dtype)
     x = jnp.asarray(rng.normal(size=(batch,) + in_shape), dtype)
     return model, params, x, target(loss, out_dim, batch, rng, dtype), kwargs
-
-
-def rel_err(got, want) -> float:
-    """Max over leaves of the normwise relative error ‖got − want‖/‖want‖ (float64 numpy)."""
-    g_leaves, w_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    errs = []
-    for g, w in zip(g_leaves, w_leaves, strict=True):
-        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        assert g.shape == w.shape, (g.shape, w.shape)
-        diff = np.linalg.norm(g - w)
-        errs.append(0.0 if diff == 0 else diff / max(np.linalg.norm(w), 1e-300))
-    return max(errs, default=0.0)
 
 
 def reference_per_example_grads(model, loss, params, x, y, kwargs):
