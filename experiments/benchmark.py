@@ -258,56 +258,55 @@ def summarize(points, peak) -> dict:
     return out
 
 
-def plot(points, peak, out_dir):
-    plt = cli.plt()
-    labels = [label(p) for p in points]
-    idx = np.arange(len(points))
+def _errorbars(ax, idx, stats, series, scale=1.0):
+    """Median with inter-quartile bars: ``stats[i][name]`` holds median, q25, q75."""
+    for name, marker, text in series:
+        med = np.array([st[name]["median"] for st in stats]) * scale
+        lo = med - np.array([st[name]["q25"] for st in stats]) * scale
+        hi = np.array([st[name]["q75"] for st in stats]) * scale - med
+        ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=text)
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(points)), 4.5))
-    for name, marker in (("manual_step", "o"), ("autodiff_step", "x"), ("forward", ".")):
-        med = np.array([p["time_s"][name]["median"] for p in points]) * 1e3
-        lo = med - np.array([p["time_s"][name]["q25"] for p in points]) * 1e3
-        hi = np.array([p["time_s"][name]["q75"] for p in points]) * 1e3 - med
-        ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=name)
-    ax.set_yscale("log")
-    ax.set_ylabel("median time per call (ms)")
-    ax.set_title("Adam training step: hand-written backward vs jax.grad")
-    ax.set_xticks(idx, labels, rotation=90, fontsize=7)
+
+def _finish(plt, fig, ax, points, title, ylabel, path):
+    """Log y axis, one labelled column per grid point, legend; save and close."""
+    ax.set(yscale="log", ylabel=ylabel, title=title)
+    ax.set_xticks(np.arange(len(points)), [label(p) for p in points], rotation=90, fontsize=7)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "step_time.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(points)), 4.5))
-    for key, marker in (("ratio_step", "o"), ("ratio_grad", "x")):
-        med = np.array([p[key]["median"] for p in points])
-        lo = med - np.array([p[key]["q25"] for p in points])
-        hi = np.array([p[key]["q75"] for p in points]) - med
-        ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=f"{key} (median, IQR)")
+
+def plot(points, peak, out_dir):
+    """step_time.png, ratio.png and gflops.png: a column per grid point."""
+    plt = cli.plt()
+    idx = np.arange(len(points))
+    size = (max(8, 0.32 * len(points)), 4.5)
+
+    fig, ax = plt.subplots(figsize=size)
+    _errorbars(ax, idx, [p["time_s"] for p in points],
+               [("manual_step", "o", "manual_step"), ("autodiff_step", "x", "autodiff_step"),
+                ("forward", ".", "forward")], scale=1e3)
+    _finish(plt, fig, ax, points, "Adam training step: hand-written backward vs jax.grad",
+            "median time per call (ms)", out_dir / "step_time.png")
+
+    fig, ax = plt.subplots(figsize=size)
+    _errorbars(ax, idx, points, [("ratio_step", "o", "ratio_step (median, IQR)"),
+                                 ("ratio_grad", "x", "ratio_grad (median, IQR)")])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(TARGETS["ratio_point_max"], color="r", lw=0.8, ls="--", label="1.05")
-    ax.set_yscale("log")
-    ax.set_ylabel("paired ratio manual / autodiff (log scale)")
-    ax.set_title("Per-round paired time ratio (below 1: the hand-written backward is faster)")
-    ax.set_xticks(idx, labels, rotation=90, fontsize=7)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "ratio.png", dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, points,
+            "Per-round paired time ratio (below 1: the hand-written backward is faster)",
+            "paired ratio manual / autodiff (log scale)", out_dir / "ratio.png")
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(points)), 4.5))
+    fig, ax = plt.subplots(figsize=size)
     for name, marker in (("manual_step", "o"), ("autodiff_step", "x"), ("matmul", "_")):
         ax.plot(idx, [p["gflops"][name] for p in points], marker, label=name)
     ax.axhline(peak["gflops"], color="k", lw=0.8, ls="--",
                label=f"measured matmul peak {peak['gflops']:.1f}")
-    ax.set_ylabel("GFLOP/s (matrix-product FLOPs / median time)")
-    ax.set_title("Training step throughput vs a float32 product of the point's layer shape")
-    ax.set_yscale("log")
-    ax.set_xticks(idx, labels, rotation=90, fontsize=7)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "gflops.png", dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, points,
+            "Training step throughput vs a float32 product of the point's layer shape",
+            "GFLOP/s (matrix-product FLOPs / median time)", out_dir / "gflops.png")
 
 
 def measure_peak(grid, key, repeats):

@@ -32,8 +32,8 @@ def run(script, *args, env):
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
-def run_quick(script, out, env):
-    done = run(script, "--quick", "--seed", "1", "--out", str(out), env=env)
+def run_quick(script, out, env, *extra):
+    done = run(script, "--quick", "--seed", "1", "--out", str(out), *extra, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "device: cpu" in done.stdout or "device: gpu" in done.stdout
     results = json.loads((out / "results.json").read_text())
@@ -94,7 +94,41 @@ def load_script(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["compare_training", "depth", "vanishing_gradients"])
+def test_per_example_quick(tmp_path, env):
+    results, stdout = run_quick("per_example.py", tmp_path, env)
+    assert results["float64_max_rel_err"] <= 1e-10
+    assert results["float32_max_rel_err"] <= 1e-4
+    for point in results["points"]:
+        for name in ("manual", "vmap_grad"):
+            assert point[name]["time"]["median"] > 0
+            assert "temp_bytes" in point[name]["memory"]
+        assert point["speedup"]["median"] > 0
+    assert results["target"]["measured"] is False  # the target point is not in the quick grid
+    assert "target point not in this grid" in stdout
+    assert_png(tmp_path / "speedup.png")
+    assert_png(tmp_path / "memory.png")
+
+
+def test_dp_sgd_quick(tmp_path, env):
+    # Gaussian clusters instead of MNIST-1D: the same pipeline without generating the data
+    # set (jbp.data has its own tests).
+    results, stdout = run_quick("dp_sgd.py", tmp_path, env, "--data", "synthetic")
+    assert results["data"] == "synthetic"
+    # same params, batch and noise key: the two per-example paths give the same update
+    assert results["update_max_rel_diff"] < 1e-5
+    assert results["final_params_max_rel_diff"] < 1e-5
+    runs = results["runs"]
+    assert set(runs) == {"manual", "vmap_grad", "non_private"}
+    for run in runs.values():
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["step_time"]["median"] > 0
+        assert len(run["curve"]) == 2
+    assert runs["manual"]["test_accuracy"] == pytest.approx(runs["vmap_grad"]["test_accuracy"], abs=0.01)
+    assert "step time vmap_grad/manual" in stdout
+    assert_png(tmp_path / "accuracy.png")
+
+
+@pytest.mark.parametrize("name", ["compare_training", "depth", "vanishing_gradients",
+                                  "per_example", "dp_sgd"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
