@@ -46,8 +46,8 @@ def elementwise(name: str, sigma, dsigma, *, keep: str = "za") -> Layer:
     return Layer(name, init, forward, backward)
 
 
-def _sigmoid(z):
-    # 0.5 (1 + tanh(z/2)) is the logistic function without overflow for large |z|.
+def logistic(z):
+    """The logistic function 1/(1 + e^−z), as 0.5 (1 + tanh(z/2)): no overflow for large |z|."""
     return 0.5 * (1.0 + jnp.tanh(0.5 * z))
 
 
@@ -65,7 +65,7 @@ def identity() -> Layer:
 
 
 def sigmoid() -> Layer:
-    return elementwise("sigmoid", _sigmoid, lambda z, a: a * (1 - a), keep="a")
+    return elementwise("sigmoid", logistic, lambda z, a: a * (1 - a), keep="a")
 
 
 def tanh() -> Layer:
@@ -102,17 +102,17 @@ def gelu() -> Layer:
 
 
 def softplus() -> Layer:
-    return elementwise("softplus", _softplus, lambda z, a: _sigmoid(z))
+    return elementwise("softplus", _softplus, lambda z, a: logistic(z))
 
 
 def silu() -> Layer:
     """SiLU (swish), z·s(z); σ′ = s (1 + z (1 − s))."""
 
     def dsilu(z, a):
-        s = _sigmoid(z)
+        s = logistic(z)
         return s * (1 + z * (1 - s))
 
-    return elementwise("silu", lambda z: z * _sigmoid(z), dsilu)
+    return elementwise("silu", lambda z: z * logistic(z), dsilu)
 
 
 ACTIVATIONS = {

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jbp import losses
+from jbp.activations import logistic
 from jbp.grads import manual_value_and_grad
 from jbp.layer import Layer
 from jbp.per_example import _check, trace
@@ -72,7 +73,7 @@ def _mse_factor(out, target):
 
 def _bce_factor(logits, target):
     losses._check_same_shape(logits, target, "ggn_diagonal(sigmoid_binary_cross_entropy)")
-    s = 0.5 * (1.0 + jnp.tanh(0.5 * logits))
+    s = logistic(logits)
     return _eye_factor(jnp.sqrt(s * (1.0 - s) / logits.size), logits)
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp.activations import logistic
+
 
 class Loss(NamedTuple):
     """A cost that is the batch mean of per-example losses, with its hand-written gradient."""
@@ -112,8 +114,7 @@ def _bce_per_example(logits, target):
 
 def _bce_grad(logits, target):
     _check_same_shape(logits, target, "sigmoid_binary_cross_entropy")
-    s = 0.5 * (1.0 + jnp.tanh(0.5 * logits))
-    return (s - target) / logits.size
+    return (logistic(logits) - target) / logits.size
 
 
 sigmoid_binary_cross_entropy = Loss("sigmoid_binary_cross_entropy", _bce_per_example, _bce_grad)
