@@ -26,8 +26,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jbp.layer import Layer
+from jbp.layer import Layer, check_like
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,6 @@ def _unhide_static(cache):
                                   cache, is_leaf=lambda leaf: isinstance(leaf, _Static))
 
 
-def _check_like(who: str, what: str, got, expected) -> None:
-    """Raise a ValueError unless the pytrees ``got`` and ``expected`` match in structure,
-    shapes and dtypes (``expected`` may hold arrays or ShapeDtypeStructs)."""
-    tree_g, tree_e = jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(expected)
-    if tree_g != tree_e:
-        raise ValueError(f"{who}: {what} has structure {tree_g}, expected {tree_e}")
-    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-    for (path, e), g in zip(paths, jax.tree_util.tree_leaves(got)):
-        if tuple(g.shape) != tuple(e.shape) or jnp.result_type(g) != jnp.result_type(e):
-            where = jax.tree_util.keystr(path)
-            raise ValueError(f"{who}: {what}{where} has shape {tuple(g.shape)} and dtype "
-                             f"{jnp.result_type(g)}, expected shape {tuple(e.shape)} and dtype "
-                             f"{jnp.result_type(e)}")
-
-
 def as_custom_vjp(model: Layer):
     """``model.apply`` as a ``jax.custom_vjp`` whose VJP is ``model.backward``.
 
@@ -78,7 +64,8 @@ def as_custom_vjp(model: Layer):
     backward; ``key`` gets no cotangent. The raw rules are attached as ``apply.fwd(params,
     x, key, train) -> (y, residuals)`` and ``apply.bwd(residuals, dy) -> (dparams, dx,
     None)``; ``bwd`` raises a ValueError for a cotangent whose shape or dtype is not ``y``'s,
-    and for a backward whose gradients are not shaped like ``params`` and ``x``.
+    and for a backward whose gradients are not shaped like ``params`` and ``x``. An integer
+    ``x`` (raw uint8 images) gets the ``float0`` cotangent JAX expects of it.
     """
     if not isinstance(model, Layer):
         raise TypeError(f"as_custom_vjp: model must be a jbp Layer, got {type(model).__name__}")
@@ -100,8 +87,10 @@ def as_custom_vjp(model: Layer):
                              f"dtype {jnp.result_type(dy)}, expected the output's shape "
                              f"{tuple(y_spec.shape)} and dtype {y_spec.dtype}")
         dparams, dx = model.backward(params, _unhide_static(cache), dy)
-        _check_like(who, "the backward's dparams", dparams, params)
-        _check_like(who, "the backward's dx", dx, x_spec)
+        check_like(who, "the backward's dparams", dparams, params)
+        if not jnp.issubdtype(x_spec.dtype, jnp.inexact):  # integer input: no cotangent
+            return dparams, np.zeros(x_spec.shape, jax.dtypes.float0), None
+        check_like(who, "the backward's dx", dx, x_spec)
         return dparams, dx, None
 
     def make(train: bool):

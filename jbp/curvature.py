@@ -13,12 +13,14 @@ pass started from the cotangent S_k instead of ∂C/∂out, and the per-example 
 from the same per-layer rules as :mod:`jbp.per_example` (dense: (a²)ᵀ δ²). The K backward
 passes run batched with ``jax.vmap`` over k.
 
-Factors, per example i (B the batch size, N the number of output elements):
+Factors of the Hessian of one example's loss ℓ_i (N the number of its output elements);
+the batch cost weighs example i by w_i/Σw (1/B by default), so its factor is scaled by
+√(w_i/Σw):
 
-- mean squared error: H_L = (2/N) I, S_k = √(2/N) e_k;
-- softmax cross-entropy: H_L = (σ/B)(diag p − p pᵀ) with σ = Σ_j y_ij (1 for labels),
-  S_k = √(σ p_k / B) (e_k − p);
-- sigmoid binary cross-entropy: H_L = diag(s(1 − s))/N, S_k = √(s_k(1 − s_k)/N) e_k.
+- mean squared error: ∂²ℓ_i = (2/N) I, S_k = √(2/N) e_k;
+- softmax cross-entropy (logits (B, C)): ∂²ℓ_i = σ(diag p − p pᵀ) with σ = Σ_j y_ij (1 for
+  labels, 0 for a padding label), S_k = √(σ p_k) (e_k − p);
+- sigmoid binary cross-entropy: ∂²ℓ_i = diag(s(1 − s))/N, S_k = √(s_k(1 − s_k)/N) e_k.
 """
 
 import math
@@ -30,11 +32,12 @@ from jbp import losses
 from jbp.activations import logistic
 from jbp.grads import manual_value_and_grad
 from jbp.layer import Layer
-from jbp.per_example import _check, trace
+from jbp.per_example import _check, like_params, trace
 
 
 def hvp(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, v, **kw) -> H v``: the Hessian of C(params) times ``v``.
+    """``f(params, x, y, v, *, weights=None, key=None, train=False) -> H v``: the Hessian of
+    C(params) times ``v``.
 
     ``v`` and the result are shaped like ``params``. Forward-mode ``jax.jvp`` of the
     hand-written gradient (``jbp.manual_value_and_grad``), so the reverse sweep is the
@@ -43,7 +46,7 @@ def hvp(model: Layer, loss: losses.Loss):
     _check(model, loss, "hvp")
     grad = manual_value_and_grad(model, loss)
 
-    def hessian_vector_product(params, x, y, v, **kwargs):
+    def hessian_vector_product(params, x, y, v, *, weights=None, key=None, train=False):
         tree_p, tree_v = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
         if tree_p != tree_v:
             raise ValueError(f"hvp: v must be shaped like params; params have structure "
@@ -53,7 +56,10 @@ def hvp(model: Layer, loss: losses.Loss):
                 raise ValueError(f"hvp: v must be shaped like params; a leaf of shape "
                                  f"{tuple(p.shape)} got a tangent of shape {tuple(t.shape)}")
         v = jax.tree_util.tree_map(lambda p, t: jnp.asarray(t, p.dtype), params, v)
-        return jax.jvp(lambda p: grad(p, x, y, **kwargs)[1], (params,), (v,))[1]
+        def g(p):
+            return grad(p, x, y, weights=weights, key=key, train=train)[1]
+
+        return jax.jvp(g, (params,), (v,))[1]
 
     return hessian_vector_product
 
@@ -68,21 +74,25 @@ def _eye_factor(scale, out):
 
 def _mse_factor(out, target):
     losses._check_same_shape(out, target, "ggn_diagonal(mean_squared_error)")
-    return _eye_factor(jnp.full(out.shape, math.sqrt(2.0 / out.size), out.dtype), out)
+    n = math.prod(out.shape[1:])
+    return _eye_factor(jnp.full(out.shape, math.sqrt(2.0 / n), out.dtype), out)
 
 
 def _bce_factor(logits, target):
     losses._check_same_shape(logits, target, "ggn_diagonal(sigmoid_binary_cross_entropy)")
     s = logistic(logits)
-    return _eye_factor(jnp.sqrt(s * (1.0 - s) / logits.size), logits)
+    return _eye_factor(jnp.sqrt(s * (1.0 - s) / math.prod(logits.shape[1:])), logits)
 
 
 def _softmax_ce_factor(logits, target):
-    y = losses._onehot_targets(logits, target, "ggn_diagonal(softmax_cross_entropy)")
+    if logits.ndim != 2:
+        raise ValueError(f"ggn_diagonal(softmax_cross_entropy): supports logits of shape "
+                         f"(batch, classes), got {tuple(logits.shape)}")
+    y, scale_nan, _ = losses._targets(logits, target)
     p = jax.nn.softmax(logits, axis=-1)
-    batch, k = logits.shape
-    sigma = jnp.sum(y, axis=-1, keepdims=True)  # 1 for labels and one-hot targets
-    scale = jnp.sqrt(sigma * p / batch)  # (B, K)
+    k = logits.shape[1]
+    sigma = jnp.sum(y, axis=-1, keepdims=True) * scale_nan[:, None]  # 1 for labels, 0 padding
+    scale = jnp.sqrt(sigma * p)  # (B, K)
     eye = jnp.eye(k, dtype=logits.dtype)
     # S[k, i, :] = scale[i, k] (e_k − p_i)
     return scale.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
@@ -93,23 +103,30 @@ HESSIAN_FACTORS = {
     losses.softmax_cross_entropy: _softmax_ce_factor,
     losses.sigmoid_binary_cross_entropy: _bce_factor,
 }
-"""Square-root factors of the loss Hessian, ``(out, target) -> S (K, B, *out.shape[1:])``."""
+"""Square-root factors of the per-example loss Hessians, ``(out, target) -> S (K, B, ...)``."""
 
 
 def _factor_for(loss: losses.Loss):
     if loss not in HESSIAN_FACTORS:
         raise ValueError(f"ggn_diagonal: no square-root Hessian factor for loss {loss.name!r}; "
                          f"supported: {', '.join(lo.name for lo in HESSIAN_FACTORS)}")
-    return HESSIAN_FACTORS[loss]
+    per_example = HESSIAN_FACTORS[loss]
+
+    def factor(out, target, weights=None):
+        share = jnp.sqrt(losses._share(loss.weights(out, target, weights)))
+        return per_example(out, target) * share.reshape((1, -1) + (1,) * (out.ndim - 1))
+
+    return factor
 
 
-def loss_hessian_factor(loss: losses.Loss, out, target):
+def loss_hessian_factor(loss: losses.Loss, out, target, weights=None):
     """``S (K, B, *out.shape[1:])`` with Σ_k S[k, i] S[k, i]ᵀ = ∂²C/∂out_i² for every example."""
-    return _factor_for(loss)(out, target)
+    return _factor_for(loss)(out, target, weights)
 
 
 def ggn_diagonal(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, **kw) -> diag(G)``, shaped like ``params``: the exact diagonal of the
+    """``f(params, x, y, *, weights=None, key=None, train=False) -> diag(G)``, shaped like
+    ``params``: the exact diagonal of the
     generalised Gauss-Newton matrix Jᵀ H_L J of the batch loss C.
 
     One hand-written backward pass per output dimension (batched with ``jax.vmap``), each
@@ -120,14 +137,16 @@ def ggn_diagonal(model: Layer, loss: losses.Loss):
     _check(model, loss, "ggn_diagonal")
     sqrt_hessian = _factor_for(loss)
 
-    def diagonal(params, x, y, **kwargs):
-        out, cache = model.forward(params, x, **kwargs)
-        factor = sqrt_hessian(out, y)
+    def diagonal(params, x, y, *, weights=None, key=None, train=False):
+        out, cache = model.forward(params, x, key=key, train=train)
+        factor = sqrt_hessian(out, y, weights)
 
         def squares(s):
-            return trace(model, params, cache, s, lambda rule, c, d: rule.sum_sq(c, d))
+            return trace(model, params, cache, s, lambda rule, c, d: rule.sum_of_squares(c, d),
+                         "ggn_diagonal")
 
         per_column = jax.vmap(squares)(factor)
-        return jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_column)
+        return like_params(jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_column),
+                           params)
 
     return diagonal

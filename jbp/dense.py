@@ -3,36 +3,77 @@
 Lecture map: the forward pass caches ``a`` because ∂z/∂w = a; the backward pass gets
 ``delta = ∂C/∂z`` and returns ∂C/∂W = aᵀ·delta, ∂C/∂b = Σ_batch delta and
 ∂C/∂a = delta·Wᵀ (the "Σ w ∂C/∂z′" of the hidden-layer case).
+
+Leading axes: ``a`` may be ``(B, in)``, ``(B, T, in)`` (a sequence), or a single example
+``(in,)`` (so ``jax.vmap`` over examples works); the layer acts on the last axis and the
+backward sums ∂C/∂W and ∂C/∂b over every other axis.
 """
 
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import Layer, as_shape, check_input
+from jbp.layer import Layer, PerExampleRule, as_shape, cast_like, check_array, constructor
 
 
+def _rows(a):
+    """``a (..., n)`` as a matrix ``(rows, n)``: every leading axis becomes a row."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _per_example_rows(a):
+    """``a (B, ..., n)`` as ``(B, T, n)``: example i's positions in row block i."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _grads(a, delta):
+    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    return {"W": jnp.einsum("bti,bto->bio", a3, d3), "b": jnp.sum(d3, axis=1)}
+
+
+def _sq_norms(a, delta):
+    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    if a3.shape[1] != 1:  # several positions per example: ∇ℓ_i is not rank one
+        g = _grads(a, delta)
+        return jnp.sum(g["W"] ** 2, axis=(1, 2)) + jnp.sum(g["b"] ** 2, axis=1)
+    a2, d2 = jnp.sum(a3[:, 0] ** 2, axis=1), jnp.sum(d3[:, 0] ** 2, axis=1)
+    return a2 * d2 + d2  # ‖a_i δ_iᵀ‖²_F = ‖a_i‖²·‖δ_i‖², plus the bias' ‖δ_i‖²
+
+
+def _sum_sq(a, delta):
+    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    if a3.shape[1] != 1:
+        g = _grads(a, delta)
+        return {"W": jnp.sum(g["W"] ** 2, axis=0), "b": jnp.sum(g["b"] ** 2, axis=0)}
+    a1, d1 = a3[:, 0], d3[:, 0]
+    return {"W": (a1 * a1).T @ (d1 * d1), "b": jnp.sum(d1 * d1, axis=0)}
+
+
+RULE = PerExampleRule(_grads, _sq_norms, _sum_sq)
+"""∂ℓ_i/∂W = a_i δ_iᵀ (summed over example i's positions), ∂ℓ_i/∂b = δ_i."""
+
+
+@constructor
 def dense(out_features: int, *, gain: float = 1.0, dtype=jnp.float32) -> Layer:
     """A dense layer with ``out_features`` outputs.
 
     Params: ``{"W": (in, out), "b": (out,)}``; ``W`` is drawn from N(0, gain²/in) (LeCun
     normal for ``gain=1``, He normal for ``gain=√2``), ``b`` starts at zero.
 
-    Shapes: ``x (B, in) -> z (B, out)``; cache ``a = x (B, in)``.
+    Shapes: ``x (..., in) -> z (..., out)``; cache ``a = x``.
     """
     if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features <= 0:
         raise ValueError(f"dense: out_features must be a positive int, got {out_features!r}")
-    if not gain > 0:
-        raise ValueError(f"dense: gain must be positive, got {gain!r}")
+    if not (isinstance(gain, (int, float)) and gain > 0):
+        raise ValueError(f"dense: gain must be a positive number, got {gain!r}")
     who = f"dense({out_features})"
 
     def init(key, in_shape):
         shape = as_shape(in_shape, who)
-        if len(shape) != 1:
-            raise ValueError(f"{who}: expects a per-example shape (features,), got {shape}; "
-                             f"put flatten() before it")
-        (n_in,) = shape
+        if not shape:
+            raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
+        n_in = shape[-1]
         W = jax.random.normal(key, (n_in, out_features), dtype) * (gain / n_in**0.5)
-        return (out_features,), {"W": W, "b": jnp.zeros((out_features,), dtype)}
+        return shape[:-1] + (out_features,), {"W": W, "b": jnp.zeros((out_features,), dtype)}
 
     def check_params(params):
         if not isinstance(params, dict) or set(params) != {"W", "b"}:
@@ -43,17 +84,22 @@ def dense(out_features: int, *, gain: float = 1.0, dtype=jnp.float32) -> Layer:
             raise ValueError(f"{who}: expected W of shape (in, {out_features}) and b of shape "
                              f"({out_features},), got W {tuple(W.shape)} and b {tuple(b.shape)}")
 
-    def forward(params, x, **_):
+    def forward(params, x, *, key=None, train=False):
         check_params(params)
-        check_input(x, (params["W"].shape[0],), who)
+        check_array(x, who)
+        n_in = params["W"].shape[0]
+        if x.ndim < 1 or x.shape[-1] != n_in:
+            raise ValueError(f"{who}: expected input of shape (..., {n_in}) (batch and any "
+                             f"leading axes, then {n_in} features), got {tuple(x.shape)}")
         a = x
         z = a @ params["W"] + params["b"]
         return z, a
 
     def backward(params, a, delta):
-        dW = a.T @ delta
-        db = jnp.sum(delta, axis=0)
-        da = delta @ params["W"].T
-        return {"W": dW, "b": db}, da
+        W, b = params["W"], params["b"]
+        dW = _rows(a).T @ _rows(delta)
+        db = jnp.sum(_rows(delta), axis=0)
+        da = delta @ W.T
+        return {"W": dW.astype(W.dtype), "b": db.astype(b.dtype)}, cast_like(da, a)
 
-    return Layer(who, init, forward, backward)
+    return Layer(who, init, forward, backward, per_example=RULE)

@@ -9,9 +9,10 @@ Shapes: any ``x (B, ...)``; cache: the scaled mask (shape of ``x``), or None in 
 
 import jax
 
-from jbp.layer import Layer, as_shape, check_empty_params
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_empty_params, check_train, constructor
 
 
+@constructor
 def dropout(rate: float) -> Layer:
     """Dropout that zeroes each unit with probability ``rate`` when ``train=True``."""
     try:
@@ -26,8 +27,9 @@ def dropout(rate: float) -> Layer:
     def init(key, in_shape):
         return as_shape(in_shape, who), {}
 
-    def forward(params, x, *, key=None, train=False, **_):
+    def forward(params, x, *, key=None, train=False):
         check_empty_params(params, who)
+        check_train(train, who)
         if not train or rate == 0.0:
             return x, None
         if key is None:
@@ -37,6 +39,6 @@ def dropout(rate: float) -> Layer:
         return x * mask, mask
 
     def backward(params, mask, dy):
-        return {}, dy if mask is None else dy * mask
+        return {}, dy if mask is None else (dy * mask).astype(mask.dtype)
 
-    return Layer(who, init, forward, backward)
+    return Layer(who, init, forward, backward, per_example=EXAMPLEWISE)

@@ -5,17 +5,19 @@ Shapes: cache is the input's per-example shape (static), so the backward needs n
 
 import math
 
-from jbp.layer import Layer, as_shape, check_empty_params
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor
 
 
+@constructor
 def flatten() -> Layer:
     who = "flatten"
 
     def init(key, in_shape):
         return (math.prod(as_shape(in_shape, who)),), {}
 
-    def forward(params, x, **_):
+    def forward(params, x, *, key=None, train=False):
         check_empty_params(params, who)
+        check_array(x, who)
         if x.ndim < 2:
             raise ValueError(f"{who}: expected input (batch, ...), got shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], -1), x.shape
@@ -23,4 +25,4 @@ def flatten() -> Layer:
     def backward(params, x_shape, dy):
         return {}, dy.reshape(x_shape)
 
-    return Layer(who, init, forward, backward)
+    return Layer(who, init, forward, backward, per_example=EXAMPLEWISE)

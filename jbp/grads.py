@@ -3,19 +3,23 @@
 ``manual_value_and_grad`` runs the forward pass (caching ∂z/∂w = a), starts the backward
 pass at the output with the loss's hand-written ∂C/∂out, and runs the layers' backwards
 in reverse. ``autodiff_value_and_grad`` asks ``jax.value_and_grad`` for the same numbers.
-Both are pure, so ``jax.jit``, an optax loop or a benchmark takes either one.
-Keyword arguments (``key=``, ``train=``) go through to the model's forward.
+Both are pure, so ``jax.jit``, an optax loop or a benchmark takes either one. Keywords:
+``weights`` (per-example loss weights, see :mod:`jbp.losses`), ``key`` and ``train`` (for
+the model's forward); anything else is a TypeError.
+
+The manual side checks, while tracing, what every backward returns: gradients with the
+structure, shapes and dtypes of the params they belong to (as ``jax.grad`` gives them), or
+a ValueError naming the layer.
 """
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 
-from jbp.layer import Layer
+from jbp.layer import Layer, check_like
 from jbp.losses import Loss
-from jbp.serial import backward_trace
 
-GradFn = Callable  # (params, x, y, **kw) -> (loss, grads)
+GradFn = Callable  # (params, x, y, *, weights=None, key=None, train=False) -> (loss, grads)
 
 
 def _check(model, loss):
@@ -26,42 +30,75 @@ def _check(model, loss):
                         f"got {type(loss).__name__}")
 
 
-def backprop(model: Layer, loss: Loss, params, x, y, **kwargs):
+def checked_backward(layer: Layer, params, cache, dy):
+    """``layer``'s backward, composites walked child by child, with every ``dparams``
+    checked against its params (structure, shapes, dtypes); errors name the layer."""
+    if layer.walk is not None:
+        dparams, dx = layer.walk(params, cache, dy, checked_backward)
+    else:
+        dparams, dx = layer.backward(params, cache, dy)
+    check_like(f"{layer.name}: backward", "dparams", dparams, params)
+    return dparams, dx
+
+
+class _Received(NamedTuple):
+    """What a walk's visit returns for one child: its gradients and the delta it received."""
+
+    dparams: object
+    delta: jax.Array
+
+
+def _visit_recording(child, params, cache, dy):
+    dparams, dx = checked_backward(child, params, cache, dy)
+    return _Received(dparams, dy), dx
+
+
+def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, train=False):
     """One hand-written forward and backward pass, with its trace.
 
     Returns ``(value, grads, deltas)``: the loss C, ∂C/∂params (structured like
-    ``params``), and ``deltas``, the gradient each top-level layer received for its output
-    (a tuple with one array per layer of a serial model, ``(∂C/∂out,)`` otherwise): for a
-    dense layer that is the lecture's delta = ∂C/∂z, shape ``(B, out)``.
+    ``params``), and ``deltas``, the gradient each child of a composite model received for
+    its output (a tuple with one array per layer of a serial model; ``(∂C/∂out,)`` for a
+    layer without a walk): for a dense layer that is the lecture's delta = ∂C/∂z, shape
+    ``(B, out)``.
     """
     _check(model, loss)
-    out, cache = model.forward(params, x, **kwargs)
-    value = loss.value(out, y)
-    dout = loss.grad(out, y)
-    if model.layers:
-        grads, _, deltas = backward_trace(model.layers, params, cache, dout)
-    else:
-        grads, _ = model.backward(params, cache, dout)
-        deltas = (dout,)
+    out, cache = model.forward(params, x, key=key, train=train)
+    value = loss.value(out, y, weights)
+    dout = loss.grad(out, y, weights)
+    if model.walk is None:
+        grads, _ = checked_backward(model, params, cache, dout)
+        return value, grads, (dout,)
+    received, _ = model.walk(params, cache, dout, _visit_recording)
+    is_received = lambda r: isinstance(r, _Received)  # noqa: E731
+    grads = jax.tree_util.tree_map(lambda r: r.dparams, received, is_leaf=is_received)
+    check_like(f"{model.name}: backward", "dparams", grads, params)
+    deltas = tuple(r.delta for r in jax.tree_util.tree_leaves(received, is_leaf=is_received))
     return value, grads, deltas
 
 
 def manual_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y) -> (C, ∂C/∂params)`` by the hand-written backward pass."""
+    """``f(params, x, y, *, weights=None, key=None, train=False) -> (C, ∂C/∂params)`` by
+    the hand-written backward pass."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, **kwargs):
-        value, grads, _ = backprop(model, loss, params, x, y, **kwargs)
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False):
+        value, grads, _ = backprop(model, loss, params, x, y, weights=weights, key=key,
+                                   train=train)
         return value, grads
 
     return value_and_grad
 
 
 def autodiff_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y) -> (C, ∂C/∂params)`` by ``jax.value_and_grad`` of the forward."""
+    """``f(params, x, y, *, weights=None, key=None, train=False) -> (C, ∂C/∂params)`` by
+    ``jax.value_and_grad`` of the forward."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, **kwargs):
-        return jax.value_and_grad(lambda p: loss.value(model.apply(p, x, **kwargs), y))(params)
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False):
+        def cost(p):
+            return loss.value(model.apply(p, x, key=key, train=train), y, weights)
+
+        return jax.value_and_grad(cost)(params)
 
     return value_and_grad

@@ -2,46 +2,248 @@
 
 A layer is an immutable value of pure functions::
 
-    init(key, in_shape)          -> (out_shape, params)   # shapes per example, no batch dim
-    forward(params, x, **kw)     -> (y, cache)            # x batch-first: (B, *in_shape)
-    backward(params, cache, dy)  -> (dparams, dx)         # hand-written, jax.numpy only
-    apply(params, x, **kw)       =  forward(params, x, **kw)[0]
+    init(key, in_shape)                    -> (out_shape, params)   # shapes per example
+    forward(params, x, *, key, train)      -> (y, cache)            # x: (B, *in_shape)
+    backward(params, cache, dy)            -> (dparams, dx)         # hand-written
+    apply(params, x, *, key, train)        =  forward(...)[0]       # what jax.grad differentiates
 
-``apply`` is what ``jax.grad`` differentiates; ``backward`` reverses ``forward`` by hand
-and never calls autodiff. ``dparams`` has the structure of ``params``; ``dx`` the shape of
-``x``. The keyword arguments of ``forward`` are ``key`` (a PRNG key, or None) and ``train``
-(bool); layers without randomness ignore them.
+``backward`` reverses ``forward`` by hand in ``jax.numpy`` and never calls autodiff.
+``dparams`` has the structure, shapes and dtypes of ``params``, ``dx`` the shape and dtype
+of ``x`` (as ``jax.vjp`` gives them). ``forward`` takes exactly two keywords: ``key`` (a
+PRNG key or None) and ``train`` (a Python bool); anything else is an error.
+
+**Composites** (``serial``, ...) write their backward once, as a ``walk``::
+
+    walk(params, cache, dy, visit) -> (results, dx)
+
+the composite's backward with every call of a child's backward replaced by
+``visit(child, child_params, child_cache, child_dy) -> (child_result, child_dx)``.
+``results`` has the structure of ``params`` with every child's params replaced by its
+result. With ``visit`` calling ``child.backward`` this *is* the backward (the Layer derives
+``backward`` from it); the gradient functions use other visits to collect each child's
+delta and to check what every backward returns, and the per-example functions to reach
+each layer's (cache, delta) pair. A composite that gives ``backward`` but no ``walk`` is a
+black box: its own backward runs, and it is one layer to the machinery.
+
+**Per-example quantities** need a declaration (``per_example``): ``EXAMPLEWISE`` for a
+layer without parameters that maps every example on its own (activations, dropout, serial),
+or a :class:`PerExampleRule` for a layer with parameters. ``None`` (the default): the
+per-example functions refuse the layer with an error that names it.
+
+**Models are values**: layers built by the same constructor from equal arguments compare
+equal, hash alike (so ``jax.jit`` takes them as static arguments, or as ordinary ones: a
+Layer is a pytree without leaves) and print as the call that built them.
 """
 
+import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 Params = Any
 Shape = tuple[int, ...]
 
+EXAMPLEWISE = "examplewise"
+"""``per_example`` of a weightless layer that treats every example of a batch on its own."""
 
-class Layer(NamedTuple):
+
+class PerExampleRule(NamedTuple):
+    """Per-example gradients of a layer with parameters, from its cache and delta.
+
+    Each function takes ``(cache, delta)``: the layer's forward cache and ``delta``, the
+    per-example cotangent of its output (row i is ∂ℓ_i/∂output_i), shape ``(B, ...)``.
+    Only ``grads`` is required; the other two default to sums over ``grads``.
+    """
+
+    grads: Callable  # -> pytree like params, each leaf (B, *leaf.shape): ∇ℓ_i
+    sq_norms: Callable | None = None  # -> (B,): Σ over the layer's params of (∂ℓ_i/∂θ)²
+    sum_sq: Callable | None = None  # -> pytree like params: Σ_i (∂ℓ_i/∂θ)², element-wise
+
+    def squared_norms(self, cache, delta):
+        if self.sq_norms is not None:
+            return self.sq_norms(cache, delta)
+        leaves = jax.tree_util.tree_leaves(self.grads(cache, delta))
+        return sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
+
+    def sum_of_squares(self, cache, delta):
+        if self.sum_sq is not None:
+            return self.sum_sq(cache, delta)
+        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), self.grads(cache, delta))
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Layer:
     """A layer (or a whole model: composites are layers too).
 
     Attributes:
       name: short human-readable name, used in error messages and reports.
       init: ``(key, in_shape) -> (out_shape, params)``.
       forward: ``(params, x, *, key=None, train=False) -> (y, cache)``.
-      backward: ``(params, cache, dy) -> (dparams, dx)``.
-      layers: the children of a composite (``serial``), else ``()``.
+      backward: ``(params, cache, dy) -> (dparams, dx)``; derived from ``walk`` if omitted.
+      layers: the children of a composite, else ``()``.
+      walk: a composite's backward through its children (see the module docstring).
+      per_example: ``EXAMPLEWISE``, a :class:`PerExampleRule`, or None (not declared).
+      spec: set by :func:`constructor`: what built the layer, for ``==``, ``hash``, ``repr``.
     """
 
     name: str
     init: Callable
     forward: Callable
-    backward: Callable
+    backward: Callable | None = None
     layers: tuple = ()
+    walk: Callable | None = None
+    per_example: Any = None
+    spec: Any = None
 
-    def apply(self, params: Params, x: jax.Array, **kwargs) -> jax.Array:
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"Layer: name must be a str, got {type(self.name).__name__}")
+        for field in ("init", "forward"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"Layer {self.name!r}: {field} must be a function")
+        derived = getattr(self.backward, "walk", None) is self.walk is not None
+        if (self.backward is None) == (self.walk is None) and not derived:
+            raise TypeError(f"Layer {self.name!r}: give exactly one of backward (a leaf layer "
+                            f"or a black-box composite) and walk (a composite)")
+        if self.per_example not in (None, EXAMPLEWISE) and not isinstance(
+                self.per_example, PerExampleRule):
+            raise TypeError(f"Layer {self.name!r}: per_example must be None, EXAMPLEWISE or a "
+                            f"PerExampleRule, got {self.per_example!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.backward is None:
+            object.__setattr__(self, "backward", _backward_of(self.walk))
+
+    def apply(self, params: Params, x: jax.Array, *, key=None, train: bool = False) -> jax.Array:
         """The layer as a plain function of ``params`` and ``x``: ``forward(...)[0]``."""
-        return self.forward(params, x, **kwargs)[0]
+        return self.forward(params, x, key=key, train=train)[0]
 
+    def replace(self, **changes) -> "Layer":
+        """A copy with some attributes changed (the ``spec`` is dropped unless given)."""
+        return dataclasses.replace(self, **{"spec": None, **changes})
+
+    def _identity(self):
+        if self.spec is not None:
+            return self.spec.key
+        return (self.name, self.init, self.forward, self.backward, self.layers, self.walk,
+                self.per_example)
+
+    def __eq__(self, other):
+        if not isinstance(other, Layer):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self):
+        return hash(self._identity())
+
+    def __repr__(self):
+        return self.spec.text if self.spec is not None else f"Layer({self.name!r})"
+
+
+jax.tree_util.register_static(Layer)
+
+
+def call_backward(child: Layer, params, cache, dy):
+    """The plain ``visit`` of a walk: the child's own backward."""
+    return child.backward(params, cache, dy)
+
+
+def _backward_of(walk):
+    """A composite's backward: its walk with every child's own backward."""
+
+    def backward(params, cache, dy):
+        return walk(params, cache, dy, call_backward)
+
+    backward.walk = walk
+    return backward
+
+
+# ---------------------------------------------------------------------------- constructors
+
+class _Spec(NamedTuple):
+    key: tuple  # (qualified constructor name, frozen arguments): equality and hash
+    text: str  # the call, for repr
+
+
+class _ById:
+    """An unhashable argument, compared by identity."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return _ById(value)
+    return value if not hasattr(value, "shape") else _ById(value)
+
+
+def _show(value) -> str:
+    if isinstance(value, type) and hasattr(value, "dtype"):  # jnp.float32 and friends
+        return jnp.dtype(value).name
+    if callable(value) and hasattr(value, "__name__") and not isinstance(value, Layer):
+        return value.__name__
+    return repr(value)
+
+
+def constructor(fn: Callable) -> Callable:
+    """Decorate a function that returns a Layer: layers it builds from equal arguments
+    compare equal and hash alike, and ``repr`` shows the call (defaults left out).
+
+    >>> import jbp
+    >>> jbp.mlp([4, 8, 3]) == jbp.mlp([4, 8, 3])
+    True
+    >>> jbp.dense(8)
+    dense(8)
+    """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def build(*args, **kwargs):
+        layer = fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        shown = []
+        for name, value in bound.arguments.items():
+            param = signature.parameters[name]
+            if param.kind is param.VAR_POSITIONAL:
+                shown += [_show(v) for v in value]
+            elif param.kind is param.VAR_KEYWORD:
+                shown += [f"{k}={_show(v)}" for k, v in value.items()]
+            elif param.default is param.empty:
+                shown.append(_show(value))
+            elif not _same(value, param.default):
+                shown.append(f"{name}={_show(value)}")
+        key = (f"{fn.__module__}.{fn.__qualname__}",
+               tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
+        text = f"{fn.__name__}({', '.join(shown)})"
+        return dataclasses.replace(layer, spec=_Spec(key, text))
+
+    return build
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return a is b
+
+
+# ---------------------------------------------------------------------------- checks
 
 def as_shape(in_shape, who: str) -> Shape:
     """``in_shape`` as a tuple of positive ints, or a ValueError that names ``who``."""
@@ -55,13 +257,10 @@ def as_shape(in_shape, who: str) -> Shape:
     return shape
 
 
-def check_input(x: jax.Array, per_example: Shape, who: str) -> None:
-    """Raise a ValueError unless ``x`` has shape ``(B, *per_example)``."""
-    if not hasattr(x, "shape"):
+def check_array(x, who: str) -> None:
+    """Raise a TypeError unless ``x`` is an array (has a shape and a dtype)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{who}: input must be an array, got {type(x).__name__}")
-    if x.ndim != len(per_example) + 1 or tuple(x.shape[1:]) != tuple(per_example):
-        raise ValueError(f"{who}: expected input of shape (batch, {', '.join(map(str, per_example))}), "
-                         f"i.e. per-example shape {tuple(per_example)}, got {tuple(x.shape)}")
 
 
 def check_empty_params(params: Params, who: str) -> None:
@@ -69,3 +268,40 @@ def check_empty_params(params: Params, who: str) -> None:
     if params is not None and not (isinstance(params, (dict, tuple, list)) and len(params) == 0):
         raise TypeError(f"{who}: this layer has no weights, its params must be {{}}, "
                         f"got {type(params).__name__}")
+
+
+def check_train(train, who: str) -> None:
+    """Raise a TypeError unless ``train`` is a Python bool (it decides the traced program)."""
+    if isinstance(train, jax.core.Tracer):
+        raise TypeError(f"{who}: train must be a Python bool, got a traced value; under "
+                        f"jax.jit mark it static (static_argnames='train')")
+
+
+def cast_like(g, like):
+    """``g`` in the dtype of ``like`` where ``like`` is floating (a cotangent has its primal's
+    dtype); for an integer primal ``g`` stays as it is (its cotangent is ``float0``)."""
+    return g.astype(like.dtype) if jnp.issubdtype(like.dtype, jnp.inexact) else g
+
+
+def check_like(who: str, what: str, got, expected) -> None:
+    """Raise a ValueError unless the pytrees ``got`` and ``expected`` match in structure,
+    shapes and (floating) dtypes; ``expected`` may hold arrays or ShapeDtypeStructs."""
+    tree_g, tree_e = jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(expected)
+    if tree_g != tree_e:
+        raise ValueError(f"{who}: {what} has structure {tree_g}, expected {tree_e} "
+                         f"(the structure of params)")
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, e), g in zip(paths, jax.tree_util.tree_leaves(got)):
+        where = jax.tree_util.keystr(path)
+        if not hasattr(g, "shape"):
+            raise ValueError(f"{who}: {what}{where} is a {type(g).__name__}, expected an array "
+                             f"of shape {tuple(e.shape)}")
+        if tuple(g.shape) != tuple(e.shape):
+            hint = ("; a backward must sum over the batch (e.g. delta.sum(0))"
+                    if tuple(g.shape[1:]) == tuple(e.shape) else "")
+            raise ValueError(f"{who}: {what}{where} has shape {tuple(g.shape)}, expected "
+                             f"{tuple(e.shape)}{hint}")
+        want = jnp.dtype(e.dtype)
+        if jnp.issubdtype(want, jnp.inexact) and jnp.dtype(g.dtype) != want:
+            raise ValueError(f"{who}: {what}{where} has dtype {jnp.dtype(g.dtype)}, expected "
+                             f"{want} (gradients have the dtype of what they differentiate)")

@@ -1,9 +1,23 @@
 """Losses: the cost C and, written by hand, ∂C/∂out — the lecture's output-layer case.
 
-A :class:`Loss` holds ``per_example(out, target) -> (B,)``, ``value = mean(per_example)``
-and ``grad(out, target) -> ∂C/∂out`` (shape of ``out``, the 1/B of the mean included).
+A :class:`Loss` is written per example: ``per_example(out, target) -> ℓ (B,)`` and, by
+hand, ``per_example_grad(out, target)``, whose row i is ∂ℓ_i/∂out_i. The batch cost is
+their weighted mean,
+
+    C = Σ_i w_i ℓ_i / Σ_i w_i,      ∂C/∂out_i = (w_i / Σ_j w_j) ∂ℓ_i/∂out_i,
+
+with weights ``w`` (B,) that default to 1 (so C is the plain mean and ∂C/∂out carries the
+1/B). ``value`` and ``grad`` take the optional ``weights``; all-zero weights give C = 0.
+
+Integer labels for :data:`softmax_cross_entropy`: a label equal to :data:`IGNORE_LABEL`
+(-100, as in PyTorch) marks padding: it costs nothing, gets a zero gradient and its example
+weight 0 (the mean is over the other examples). Any other label outside ``[0, classes)`` is
+an error: a ValueError where the labels are concrete, and under ``jit`` (where they are
+not) a NaN loss and NaN gradients in every gradient path alike, so the mistake surfaces
+(``jbp.fit`` stops at the first non-finite loss) instead of training on a wrong label.
 """
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -12,17 +26,53 @@ import numpy as np
 
 from jbp.activations import logistic
 
+IGNORE_LABEL = -100
+"""The integer label that marks padding (an example or position that does not count)."""
+
 
 class Loss(NamedTuple):
-    """A cost that is the batch mean of per-example losses, with its hand-written gradient."""
+    """A cost that is the weighted mean of per-example losses, with its hand-written gradient.
+
+    ``per_example(out, target) -> (B,)``; ``per_example_grad(out, target)`` has ``out``'s
+    shape, row i = ∂ℓ_i/∂out_i; ``default_weights(out, target) -> (B,)`` or None (ones).
+    """
 
     name: str
-    per_example: Callable  # (out, target) -> (B,)
-    grad: Callable  # (out, target) -> dC/dout, shape of out
+    per_example: Callable
+    per_example_grad: Callable
+    default_weights: Callable | None = None
 
-    def value(self, out, target) -> jax.Array:
-        """C = mean over the batch of ``per_example(out, target)``."""
-        return jnp.mean(self.per_example(out, target))
+    def weights(self, out, target, weights=None) -> jax.Array:
+        """The example weights (B,): ``weights`` (checked) times the loss's own defaults."""
+        batch = out.shape[0]
+        w = jnp.ones((batch,), out.dtype) if self.default_weights is None else (
+            self.default_weights(out, target).astype(out.dtype))
+        if weights is None:
+            return w
+        if not hasattr(weights, "shape") or tuple(weights.shape) != (batch,):
+            got = tuple(weights.shape) if hasattr(weights, "shape") else type(weights).__name__
+            raise ValueError(f"{self.name}: weights must have shape (batch,) = ({batch},), "
+                             f"got {got}")
+        if _is_concrete(weights) and np.any(np.asarray(weights) < 0):
+            raise ValueError(f"{self.name}: weights must be non-negative")
+        return w * weights.astype(out.dtype)
+
+    def value(self, out, target, weights=None) -> jax.Array:
+        """C = Σ_i w_i ℓ_i / Σ_i w_i (the mean over the batch for default weights)."""
+        share = _share(self.weights(out, target, weights))
+        return jnp.sum(share * self.per_example(out, target))
+
+    def grad(self, out, target, weights=None) -> jax.Array:
+        """∂C/∂out (shape and dtype of ``out``): row i is (w_i/Σw) ∂ℓ_i/∂out_i."""
+        share = _share(self.weights(out, target, weights))
+        g = self.per_example_grad(out, target) * share.reshape((-1,) + (1,) * (out.ndim - 1))
+        return g.astype(out.dtype)
+
+
+def _share(w):
+    """``w / Σw``, with 0 where every weight is 0."""
+    total = jnp.sum(w)
+    return w / jnp.where(total > 0, total, 1)
 
 
 def _is_concrete(x) -> bool:
@@ -30,56 +80,91 @@ def _is_concrete(x) -> bool:
 
 
 def _check_batch(out, target, who):
+    for name, a in (("output", out), ("target", target)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{who}: {name} must be an array, got {type(a).__name__}")
     if out.ndim < 1 or target.ndim < 1 or out.shape[0] != target.shape[0]:
         raise ValueError(f"{who}: output and target must share the batch dimension, got "
                          f"{tuple(out.shape)} and {tuple(target.shape)}")
 
 
-def _onehot_targets(logits, target, who):
-    """Targets as probabilities (B, C): integer labels (B,) are one-hot encoded."""
-    if logits.ndim != 2:
-        raise ValueError(f"{who}: expected logits of shape (batch, classes), got {tuple(logits.shape)}")
-    _check_batch(logits, target, who)
-    n_classes = logits.shape[1]
-    if jnp.issubdtype(target.dtype, jnp.integer):
-        if target.ndim != 1:
-            raise ValueError(f"{who}: integer labels must have shape (batch,), got {tuple(target.shape)}")
-        if _is_concrete(target):
-            t = np.asarray(target)
-            if t.size and (t.min() < 0 or t.max() >= n_classes):
-                raise ValueError(f"{who}: labels must lie in [0, {n_classes}) for {n_classes} "
-                                 f"classes, got values from {t.min()} to {t.max()}")
-        return jax.nn.one_hot(target, n_classes, dtype=logits.dtype)
-    if target.shape != logits.shape:
-        raise ValueError(f"{who}: one-hot/probability targets must have the logits' shape "
+def _per_example_mean(x):
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+# ---------------------------------------------------------------------------- softmax CE
+
+_CE = "softmax_cross_entropy"
+
+
+def _targets(logits, target):
+    """``(y, scale, count)``: targets as probabilities (B, ..., C), a per-position factor
+    that is NaN at invalid labels and 1 elsewhere, and the positions that count per example."""
+    if logits.ndim < 2:
+        raise ValueError(f"{_CE}: expected logits of shape (batch, ..., classes), got "
+                         f"{tuple(logits.shape)}")
+    _check_batch(logits, target, _CE)
+    positions, n_classes = logits.shape[:-1], logits.shape[-1]
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        if target.shape != logits.shape:
+            raise ValueError(f"{_CE}: labels must be integers of shape {tuple(positions)} (or "
+                             f"one-hot/probability targets of shape {tuple(logits.shape)}); got "
+                             f"{target.dtype} of shape {tuple(target.shape)}")
+        count = jnp.full(positions[:1], math.prod(positions[1:]), logits.dtype)
+        return target.astype(logits.dtype), jnp.ones(positions, logits.dtype), count
+    if target.shape != positions:
+        raise ValueError(f"{_CE}: integer labels must have shape {tuple(positions)} for logits "
                          f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-    return target.astype(logits.dtype)
+    if _is_concrete(target):
+        t = np.asarray(target)
+        bad = ((t < 0) | (t >= n_classes)) & (t != IGNORE_LABEL)
+        if bad.any():
+            raise ValueError(f"{_CE}: labels must lie in [0, {n_classes}) for {n_classes} "
+                             f"classes (or be IGNORE_LABEL={IGNORE_LABEL}), got "
+                             f"{t[bad][:5].tolist()}")
+    valid = (target >= 0) & (target < n_classes)
+    ignored = target == IGNORE_LABEL
+    y = jax.nn.one_hot(target, n_classes, dtype=logits.dtype)  # all zero outside [0, C)
+    scale = jnp.where(valid | ignored, 1.0, jnp.nan).astype(logits.dtype)
+    count = jnp.sum(valid.reshape(valid.shape[0], -1), axis=1).astype(logits.dtype)
+    return y, scale, count
 
 
-def _log_softmax(z):
-    shifted = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+def _per_position(x, count):
+    """Σ over an example's positions of ``x (B, ...)`` / its count (0 where nothing counts)."""
+    total = jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+    return total / jnp.where(count > 0, count, 1)
 
 
-def _softmax_ce_per_example(logits, target):
-    y = _onehot_targets(logits, target, "softmax_cross_entropy")
-    return -jnp.sum(y * _log_softmax(logits), axis=-1)
+def _ce_per_example(logits, target):
+    y, scale, count = _targets(logits, target)
+    nll = -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    return _per_position(nll * scale, count)
 
 
-def _softmax_ce_grad(logits, target):
-    y = _onehot_targets(logits, target, "softmax_cross_entropy")
-    p = jnp.exp(_log_softmax(logits))
-    if jnp.issubdtype(target.dtype, jnp.integer):
-        return (p - y) / logits.shape[0]
-    # For probability targets that do not sum to 1 the general form is p·Σy − y.
-    return (p * jnp.sum(y, axis=-1, keepdims=True) - y) / logits.shape[0]
+def _ce_per_example_grad(logits, target):
+    y, scale, count = _targets(logits, target)
+    p = jax.nn.softmax(logits, axis=-1)
+    # ∂/∂z of −Σ_k y_k log p_k is p·Σy − y: the lecture's p − y for one-hot y, and 0 for a
+    # padding label (y = 0). The NaN scale of an invalid label spreads to its whole row.
+    g = (p * jnp.sum(y, axis=-1, keepdims=True) - y) * scale[..., None]
+    per_example = jnp.where(count > 0, count, 1).reshape((-1,) + (1,) * (logits.ndim - 1))
+    return g / per_example
 
 
-softmax_cross_entropy = Loss("softmax_cross_entropy", _softmax_ce_per_example, _softmax_ce_grad)
-"""Softmax cross-entropy on logits (B, C); targets: int labels (B,) or one-hot (B, C).
+def _ce_weights(logits, target):
+    _, _, count = _targets(logits, target)
+    return (count > 0).astype(logits.dtype)
 
-∂C/∂z = (softmax(z) − y)/B, computed through log-sum-exp, finite for logits of ±1e4."""
 
+softmax_cross_entropy = Loss(_CE, _ce_per_example, _ce_per_example_grad, _ce_weights)
+"""Softmax cross-entropy on logits (B, ..., C); targets: int labels (B, ...) or one-hot /
+probabilities (B, ..., C). With several positions per example, ℓ_i is the mean over the
+positions that count. ∂ℓ/∂z = softmax(z) − y per position, through ``jax.nn``'s stable
+log-softmax (finite for logits of ±1e4)."""
+
+
+# ---------------------------------------------------------------------------- MSE, BCE
 
 def _check_same_shape(out, target, who):
     _check_batch(out, target, who)
@@ -88,8 +173,8 @@ def _check_same_shape(out, target, who):
                          f"got {tuple(target.shape)}")
 
 
-def _per_example_mean(x):
-    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+def _elements(out):
+    return math.prod(out.shape[1:])
 
 
 def _mse_per_example(out, target):
@@ -97,29 +182,31 @@ def _mse_per_example(out, target):
     return _per_example_mean((out - target) ** 2)
 
 
-def _mse_grad(out, target):
+def _mse_per_example_grad(out, target):
     _check_same_shape(out, target, "mean_squared_error")
-    return 2.0 * (out - target) / out.size
+    return 2.0 * (out - target) / _elements(out)
 
 
-mean_squared_error = Loss("mean_squared_error", _mse_per_example, _mse_grad)
-"""Mean squared error over all elements: C = mean((out − y)²); ∂C/∂out = 2(out − y)/N."""
+mean_squared_error = Loss("mean_squared_error", _mse_per_example, _mse_per_example_grad)
+"""Mean squared error: ℓ_i = mean over example i's elements of (out − y)²;
+∂ℓ_i/∂out_i = 2(out_i − y_i)/N with N elements per example."""
 
 
 def _bce_per_example(logits, target):
     _check_same_shape(logits, target, "sigmoid_binary_cross_entropy")
     # −y log s(z) − (1 − y) log(1 − s(z)) = softplus(z) − y z, stably.
-    return _per_example_mean(jnp.logaddexp(logits, 0.0) - target * logits)
+    return _per_example_mean(jax.nn.softplus(logits) - target * logits)
 
 
-def _bce_grad(logits, target):
+def _bce_per_example_grad(logits, target):
     _check_same_shape(logits, target, "sigmoid_binary_cross_entropy")
-    return (logistic(logits) - target) / logits.size
+    return (logistic(logits) - target) / _elements(logits)
 
 
-sigmoid_binary_cross_entropy = Loss("sigmoid_binary_cross_entropy", _bce_per_example, _bce_grad)
-"""Binary cross-entropy on logits, targets in [0, 1] of the logits' shape, mean over all
-elements; ∂C/∂z = (sigmoid(z) − y)/N."""
+sigmoid_binary_cross_entropy = Loss("sigmoid_binary_cross_entropy", _bce_per_example,
+                                    _bce_per_example_grad)
+"""Binary cross-entropy on logits, targets in [0, 1] of the logits' shape, mean over example
+i's elements; ∂ℓ_i/∂z = (sigmoid(z) − y)/N with N elements per example."""
 
 LOSSES = {loss.name: loss for loss in (softmax_cross_entropy, mean_squared_error,
                                        sigmoid_binary_cross_entropy)}

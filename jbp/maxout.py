@@ -4,14 +4,15 @@ Lecture map: a maxout network learns its own piecewise-linear activation. Put it
 ``dense(k * units)``: each unit outputs the largest of its ``k`` pre-activations, so the
 gradient flows only to the element that won (ties share it equally, as ``jnp.max`` does).
 
-Shapes: ``z (B, ..., k·m) -> a (B, ..., m)``; cache ``z``.
+Shapes: ``z (..., k·m) -> a (..., m)``; cache ``z``.
 """
 
 import jax.numpy as jnp
 
-from jbp.layer import Layer, as_shape, check_empty_params
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor
 
 
+@constructor
 def maxout(k: int = 2) -> Layer:
     """Maxout over groups of ``k`` consecutive features of the last axis."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -32,10 +33,11 @@ def maxout(k: int = 2) -> Layer:
     def grouped(z):
         return z.reshape(z.shape[:-1] + (z.shape[-1] // k, k))
 
-    def forward(params, z, **_):
+    def forward(params, z, *, key=None, train=False):
         check_empty_params(params, who)
-        if z.ndim < 2:
-            raise ValueError(f"{who}: expected input (batch, ..., features), got shape {tuple(z.shape)}")
+        check_array(z, who)
+        if z.ndim < 1:
+            raise ValueError(f"{who}: expected input (..., features), got shape {tuple(z.shape)}")
         check_width(z.shape[-1])
         return jnp.max(grouped(z), axis=-1), z
 
@@ -43,6 +45,6 @@ def maxout(k: int = 2) -> Layer:
         zg = grouped(z)
         winners = (zg == jnp.max(zg, axis=-1, keepdims=True)).astype(z.dtype)
         share = winners / jnp.sum(winners, axis=-1, keepdims=True)
-        return {}, (share * da[..., None]).reshape(z.shape)
+        return {}, (share * da[..., None]).reshape(z.shape).astype(z.dtype)
 
-    return Layer(who, init, forward, backward)
+    return Layer(who, init, forward, backward, per_example=EXAMPLEWISE)

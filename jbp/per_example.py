@@ -1,7 +1,8 @@
 """Per-example gradients, their norms and variance, from one hand-written backward pass.
 
 The batch loss is a mean, C = (1/B) Σ_i ℓ_i, and every layer here treats the examples of a
-batch independently. So if the backward pass starts from B·∂C/∂out (row i is ∂ℓ_i/∂out_i),
+batch independently. So if the backward pass starts from the loss's per-example gradient
+(row i is ∂ℓ_i/∂out_i),
 the delta a dense layer receives holds, row by row, δ_i = ∂ℓ_i/∂z_i, and with its cached
 input a_i the gradient of example i's own loss is the outer product a_i δ_iᵀ (bias: δ_i).
 The usual batch gradient aᵀδ sums these outer products; here we keep them apart:
@@ -9,16 +10,18 @@ The usual batch gradient aᵀδ sums these outer products; here we keep them apa
 - ``per_example_grads``: ∇ℓ_i for every i, each leaf with a leading batch axis;
 - ``per_example_grad_norms``: ‖∇ℓ_i‖ without forming ∇ℓ_i, since for a dense layer
   ‖a_i δ_iᵀ‖²_F = ‖a_i‖²·‖δ_i‖² (plus ‖δ_i‖² for the bias);
-- ``per_example_grad_variance``: the variance of ∇ℓ_i over the batch, per parameter,
-  from Σ_i (a_i²)(δ_i²)ᵀ = (a²)ᵀδ² and the batch sum aᵀδ;
+- ``per_example_grad_variance``: the variance of ∇ℓ_i over the batch, per parameter, as
+  the mean of squared deviations from the mean (two passes over the per-example
+  gradients, which XLA fuses into the reductions: stable in float32);
 - ``clipped_grad_mean``: (1/B) Σ_i min(1, c/‖∇ℓ_i‖) ∇ℓ_i, the DP-SGD gradient before noise,
   by a second backward pass whose output cotangent is reweighted per example.
 
 None of this calls ``jax.grad`` or ``jax.vmap``: it is the model's own backward, walked layer
-by layer. A layer with parameters needs a :class:`PerExampleRule` (dense has one); a layer
-without parameters must be known to keep examples apart (activations, maxout, flatten,
-dropout); ``serial`` composites are walked recursively. Anything else raises an error naming
-the layer.
+by layer. Each layer declares what it needs (``Layer.per_example``, see :mod:`jbp.layer`): a
+:class:`PerExampleRule` for a layer with parameters (dense has one), ``EXAMPLEWISE`` for a
+weightless layer that maps every example on its own; composites are walked through their
+``walk``. A layer that declares nothing is refused with an error naming it. Loss weights are
+not taken here: every example counts once.
 
 >>> import jax, jax.numpy as jnp, jbp
 >>> model = jbp.mlp([3, 4, 2])
@@ -29,96 +32,41 @@ the layer.
 (5,)
 """
 
-from typing import Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import Layer
+from jbp.layer import Layer, PerExampleRule
 from jbp.losses import Loss
 
 
-class PerExampleRule(NamedTuple):
-    """Per-example quantities of one layer type with parameters.
-
-    Each function takes ``(cache, delta)``: the layer's forward cache and ``delta``, the
-    per-example cotangent of its output (row i is ∂ℓ_i/∂(output_i)), shape ``(B, ...)``.
-    """
-
-    grads: Callable  # -> pytree like params, each leaf (B, *leaf.shape): ∇ℓ_i
-    sq_norms: Callable  # -> (B,): Σ over the layer's parameters of (∂ℓ_i/∂θ)²
-    sum_sq: Callable  # -> pytree like params: Σ_i (∂ℓ_i/∂θ)², element-wise
+def _unsupported(who: str, layer: Layer, why: str) -> ValueError:
+    return ValueError(f"{who}: layer {layer.name}: {why}; {who} needs every layer to declare "
+                      f"Layer.per_example: a PerExampleRule for a layer with parameters, "
+                      f"EXAMPLEWISE for a weightless layer that keeps the examples of a batch "
+                      f"apart (see docs/custom_layers.md)")
 
 
-def _dense_grads(a, delta):
-    return {"W": a[:, :, None] * delta[:, None, :], "b": delta}
+def _visitor(hook, who: str):
+    """The ``visit`` of a per-example walk: ``hook(rule, cache, delta)`` at every layer with
+    parameters, composites walked through, the layers' own backwards for ``dx``."""
 
-
-def _dense_sq_norms(a, delta):
-    d2 = jnp.sum(delta * delta, axis=1)
-    return jnp.sum(a * a, axis=1) * d2 + d2
-
-
-def _dense_sum_sq(a, delta):
-    d2 = delta * delta
-    return {"W": (a * a).T @ d2, "b": jnp.sum(d2, axis=0)}
-
-
-DENSE_RULE = PerExampleRule(_dense_grads, _dense_sq_norms, _dense_sum_sq)
-"""Dense layer (cache ``a (B, in)``, delta ``(B, out)``): ∂ℓ_i/∂W = a_i δ_iᵀ, ∂ℓ_i/∂b = δ_i."""
-
-# A layer's kind is the constructor that built its backward, e.g. "jbp.dense.dense".
-# Layers with parameters and their rules:
-RULES: dict[str, PerExampleRule] = {"jbp.dense.dense": DENSE_RULE}
-# Weightless layers that map every example on its own (so per-example deltas stay apart):
-EXAMPLEWISE: set[str] = {"jbp.activations.elementwise", "jbp.maxout.maxout",
-                         "jbp.flatten.flatten", "jbp.dropout.dropout"}
-_SERIAL = "jbp.serial.serial"
-
-
-def _kind(layer: Layer) -> str:
-    fn = layer.backward
-    qualname = getattr(fn, "__qualname__", "?").split(".<locals>")[0]
-    return f"{getattr(fn, '__module__', '?')}.{qualname}"
-
-
-def _names(kinds) -> str:
-    return ", ".join(sorted(k.rsplit(".", 1)[-1] for k in kinds))
-
-
-def _unsupported(layer: Layer, where: str, why: str) -> ValueError:
-    return ValueError(f"{where} ({layer.name}): {why}; per-example quantities support serial "
-                      f"composites of {_names(RULES)} (with parameters) and {_names(EXAMPLEWISE)} "
-                      f"(weightless; elementwise builds the activations)")
-
-
-def _walk(layer: Layer, params, cache, delta, hook, where: str):
-    """Run ``layer``'s hand-written backward from the per-example cotangent ``delta``.
-
-    ``hook(rule, cache, delta)`` is called for every layer with parameters. Returns
-    ``(dx, results)``: ``results`` mirrors ``params`` (a tuple for a serial, ``{}`` for a
-    weightless layer, the hook's value for a layer with parameters).
-    """
-    kind = _kind(layer)
-    if layer.layers:
-        if kind != _SERIAL:
-            raise _unsupported(layer, where, "composite layers other than serial are not supported")
-        results = [None] * len(layer.layers)
-        for i in reversed(range(len(layer.layers))):
-            delta, results[i] = _walk(layer.layers[i], params[i], cache[i], delta, hook,
-                                      f"{where}, sublayer {i}" if where != "model" else f"layer {i}")
-        return delta, tuple(results)
-    if jax.tree_util.tree_leaves(params):
-        if kind not in RULES:
-            raise _unsupported(layer, where, "this layer has parameters but no per-example rule")
-        # The layer's own backward gives dx; its batch-summed dparams go unused (jit drops them).
+    def visit(layer: Layer, params, cache, delta):
+        declared = layer.per_example
+        if declared is None:
+            raise _unsupported(who, layer, "this layer declares no per-example behaviour")
+        if isinstance(declared, PerExampleRule):
+            # The layer's own backward gives dx; its batch-summed dparams go unused (jit drops them).
+            _, dx = layer.backward(params, cache, delta)
+            return hook(declared, cache, delta), dx
+        if layer.walk is not None:
+            return layer.walk(params, cache, delta, visit)
+        if jax.tree_util.tree_leaves(params):
+            raise _unsupported(who, layer, "this layer has parameters but declares EXAMPLEWISE, not a "
+                                      "PerExampleRule")
         _, dx = layer.backward(params, cache, delta)
-        return dx, hook(RULES[kind], cache, delta)
-    if kind not in EXAMPLEWISE:
-        raise _unsupported(layer, where, "this weightless layer is not known to treat examples "
-                                         "independently")
-    _, dx = layer.backward(params, cache, delta)
-    return dx, params
+        return params, dx
+
+    return visit
 
 
 def _check(model, loss, who: str) -> None:
@@ -130,92 +78,105 @@ def _check(model, loss, who: str) -> None:
                         f"per_example(out, target) -> (B,); got {type(loss).__name__}")
 
 
-def _forward(model: Layer, loss: Loss, params, x, y, kwargs, who: str):
-    """Forward pass and the per-example output cotangent B·∂C/∂out (row i: ∂ℓ_i/∂out_i)."""
-    out, cache = model.forward(params, x, **kwargs)
+def _forward(model: Layer, loss: Loss, params, x, y, key, train, who: str):
+    """Forward pass and the per-example output cotangent (row i: ∂ℓ_i/∂out_i)."""
+    out, cache = model.forward(params, x, key=key, train=train)
     batch = out.shape[0]
     per_example = jax.eval_shape(loss.per_example, out, y)
     if per_example.shape != (batch,):
         raise ValueError(f"{who}: loss {loss.name!r} must give one loss per example, shape "
                          f"({batch},); its per_example gave {per_example.shape}")
-    return cache, loss.grad(out, y) * batch
+    return cache, loss.per_example_grad(out, y).astype(out.dtype)
 
 
-def trace(model: Layer, params, cache, dout, hook):
+def trace(model: Layer, params, cache, dout, hook, who: str):
     """Walk ``model``'s backward from the per-example output cotangent ``dout``.
 
     ``hook(rule, cache, delta)`` runs at every layer with parameters; the result mirrors
-    ``params``. This is the building block of the functions below and of
-    :mod:`jbp.curvature` (which starts from factors of the loss Hessian instead).
+    ``params``. This is the building block of the functions below
+    and of :mod:`jbp.curvature` (which starts from factors of the loss Hessian instead).
     """
-    return _walk(model, params, cache, dout, hook, "model")[1]
+    return _visitor(hook, who)(model, params, cache, dout)[0]
 
 
-def _norms(model, params, cache, dout):
-    sq = trace(model, params, cache, dout, lambda rule, c, d: rule.sq_norms(c, d))
+def like_params(tree, params):
+    """``tree`` (structured like ``params``) in the params' dtypes."""
+    return jax.tree_util.tree_map(lambda t, p: t.astype(p.dtype), tree, params)
+
+
+def _norms(model, params, cache, dout, who):
+    sq = trace(model, params, cache, dout, lambda rule, c, d: rule.squared_norms(c, d), who)
     return jnp.sqrt(sum(jax.tree_util.tree_leaves(sq), jnp.zeros(dout.shape[0], dout.dtype)))
 
 
 def per_example_grads(model: Layer, loss: Loss):
-    """``f(params, x, y, **kw) -> grads``: ∇ℓ_i, the gradient of example i's own loss.
+    """``f(params, x, y, *, key=None, train=False) -> grads``: ∇ℓ_i, the gradient of example i's own loss.
 
     Every leaf has shape ``(B, *param_leaf.shape)``; the mean over axis 0 is the batch
-    gradient ∂C/∂params (so ∇ℓ_i is *not* scaled by 1/B). ``kw`` (``key=``, ``train=``) go to
-    the model's forward.
+    gradient ∂C/∂params (so ∇ℓ_i is *not* scaled by 1/B). ``key`` and ``train`` go to the
+    model's forward.
     """
     who = "per_example_grads"
     _check(model, loss, who)
 
-    def grads(params, x, y, **kwargs):
-        cache, dout = _forward(model, loss, params, x, y, kwargs, who)
-        return trace(model, params, cache, dout, lambda rule, c, d: rule.grads(c, d))
+    def grads(params, x, y, *, key=None, train=False):
+        cache, dout = _forward(model, loss, params, x, y, key, train, who)
+        return like_params(trace(model, params, cache, dout, lambda rule, c, d: rule.grads(c, d), who),
+                           params)
 
     return grads
 
 
 def per_example_grad_norms(model: Layer, loss: Loss):
-    """``f(params, x, y, **kw) -> (B,)``: ‖∇ℓ_i‖₂ over all parameters, per example.
+    """``f(params, x, y, *, key=None, train=False) -> (B,)``: ‖∇ℓ_i‖₂ over all parameters, per example.
 
     Never forms ∇ℓ_i: a dense layer contributes ‖a_i‖²·‖δ_i‖² + ‖δ_i‖².
     """
     who = "per_example_grad_norms"
     _check(model, loss, who)
 
-    def norms(params, x, y, **kwargs):
-        cache, dout = _forward(model, loss, params, x, y, kwargs, who)
-        return _norms(model, params, cache, dout)
+    def norms(params, x, y, *, key=None, train=False):
+        cache, dout = _forward(model, loss, params, x, y, key, train, who)
+        return _norms(model, params, cache, dout, who)
 
     return norms
 
 
 def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
-    """``f(params, x, y, **kw) -> (mean, variance)``, both shaped like ``params``.
+    """``f(params, x, y, *, key=None, train=False) -> (mean, variance)``, both shaped like ``params``.
 
     ``mean`` is the batch gradient (1/B) Σ_i ∇ℓ_i; ``variance`` is, per parameter,
-    Σ_i (∇ℓ_i − mean)² / (B − ddof), computed as (Σ_i ∇ℓ_i² − B·mean²)/(B − ddof) without
-    forming ∇ℓ_i (clipped at 0, where round-off would make it slightly negative).
+    Σ_i (∇ℓ_i − mean)² / (B − ddof), the deviations taken before squaring (a one-pass
+    Σ∇ℓ_i² − B·mean² loses every digit in float32 when the examples agree).
     """
     who = "per_example_grad_variance"
     _check(model, loss, who)
     if not isinstance(ddof, int) or ddof < 0:
         raise ValueError(f"{who}: ddof must be a non-negative int, got {ddof!r}")
 
-    def variance(params, x, y, **kwargs):
-        cache, dout = _forward(model, loss, params, x, y, kwargs, who)
+    def mean(rule, cache, delta):
+        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), rule.grads(cache, delta))
+
+    def sq_dev(rule, cache, delta):
+        g = rule.grads(cache, delta)
+        return jax.tree_util.tree_map(lambda leaf: jnp.sum((leaf - jnp.mean(leaf, axis=0)) ** 2,
+                                                           axis=0), g)
+
+    def variance(params, x, y, *, key=None, train=False):
+        cache, dout = _forward(model, loss, params, x, y, key, train, who)
         batch = dout.shape[0]
         if batch <= ddof:
             raise ValueError(f"{who}: needs a batch larger than ddof={ddof}, got {batch}")
-        sum_sq = trace(model, params, cache, dout, lambda rule, c, d: rule.sum_sq(c, d))
-        mean, _ = model.backward(params, cache, dout / batch)
-        var = jax.tree_util.tree_map(lambda s, m: jnp.maximum(s - batch * m * m, 0) / (batch - ddof),
-                                     sum_sq, mean)
-        return mean, var
+        m = trace(model, params, cache, dout, mean, who)
+        v = jax.tree_util.tree_map(lambda s: s / (batch - ddof),
+                                   trace(model, params, cache, dout, sq_dev, who))
+        return like_params(m, params), like_params(v, params)
 
     return variance
 
 
 def clipped_grad_mean(model: Layer, loss: Loss, l2_norm_clip: float):
-    """``f(params, x, y, **kw) -> (grads, norms)``: the DP-SGD gradient before noise.
+    """``f(params, x, y, *, key=None, train=False) -> (grads, norms)``: the DP-SGD gradient before noise.
 
     ``grads = (1/B) Σ_i ∇ℓ_i · min(1, l2_norm_clip/‖∇ℓ_i‖)``, shaped like ``params``;
     ``norms (B,)`` are the unclipped ‖∇ℓ_i‖. Two backward passes: one for the norms, one
@@ -227,9 +188,9 @@ def clipped_grad_mean(model: Layer, loss: Loss, l2_norm_clip: float):
     if not l2_norm_clip > 0:
         raise ValueError(f"{who}: l2_norm_clip must be positive, got {l2_norm_clip!r}")
 
-    def clipped(params, x, y, **kwargs):
-        cache, dout = _forward(model, loss, params, x, y, kwargs, who)
-        norms = _norms(model, params, cache, dout)
+    def clipped(params, x, y, *, key=None, train=False):
+        cache, dout = _forward(model, loss, params, x, y, key, train, who)
+        norms = _norms(model, params, cache, dout, who)
         factor = 1.0 / jnp.maximum(1.0, norms / l2_norm_clip)
         batch = dout.shape[0]
         scale = (factor / batch).reshape((batch,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)

@@ -5,8 +5,11 @@ backward pass is "a reverse neural network": the layers' backwards in reverse or
 handing ∂C/∂(its input) to the layer before it.
 
 Params of a serial model: a tuple with one entry per layer (``{}`` for a weightless one).
+An error raised inside a layer keeps its type, message and traceback; a note says which
+layer of which composite it came from.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -14,30 +17,15 @@ import jax.numpy as jnp
 
 from jbp import activations
 from jbp.dense import dense
-from jbp.layer import Layer, as_shape
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
 
 
-def _where(i: int, layer: Layer, err: Exception) -> Exception:
-    """The same error with the failing layer's position prepended."""
-    msg = str(err).removeprefix(f"{layer.name}: ")
-    return type(err)(f"layer {i} ({layer.name}): {msg}")
+def note_position(err: BaseException, i: int, layer: Layer, parent: str, stage: str) -> None:
+    """Add to ``err`` where it happened: ``in the forward of layer 2 (relu) of serial(...)``."""
+    err.add_note(f"in the {stage} of layer {i} ({layer.name}) of {parent}")
 
 
-def backward_trace(layers: Sequence[Layer], params, caches, dy):
-    """Run the layers' backwards in reverse order.
-
-    Returns ``(dparams, dx, dys)`` where ``dys[i]`` is the gradient layer ``i`` received
-    with respect to its output: ∂C/∂z for a dense layer (the lecture's delta), ∂C/∂a for an
-    activation.
-    """
-    n = len(layers)
-    dparams, dys = [None] * n, [None] * n
-    for i in reversed(range(n)):
-        dys[i] = dy
-        dparams[i], dy = layers[i].backward(params[i], caches[i], dy)
-    return tuple(dparams), dy, tuple(dys)
-
-
+@constructor
 def serial(*layers: Layer) -> Layer:
     """Chain ``layers``; the result is itself a Layer (composites nest)."""
     if not layers:
@@ -54,8 +42,9 @@ def serial(*layers: Layer) -> Layer:
         for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, n))):
             try:
                 shape, p = layer.init(k, shape)
-            except (TypeError, ValueError) as err:
-                raise _where(i, layer, err) from None
+            except Exception as err:
+                note_position(err, i, layer, name, "init")
+                raise
             params.append(p)
         return shape, tuple(params)
 
@@ -66,35 +55,63 @@ def serial(*layers: Layer) -> Layer:
             raise TypeError(f"serial: params must be a tuple with one entry per layer ({n}), "
                             f"got {got}")
 
-    def forward(params, x, *, key=None, train=False, **kwargs):
+    def forward(params, x, *, key=None, train=False):
         check_params(params)
         keys = jax.random.split(key, n) if key is not None else [None] * n
         caches = []
         for i, layer in enumerate(layers):
             try:
-                x, cache = layer.forward(params[i], x, key=keys[i], train=train, **kwargs)
-            except (TypeError, ValueError) as err:
-                raise _where(i, layer, err) from None
+                x, cache = layer.forward(params[i], x, key=keys[i], train=train)
+            except Exception as err:
+                note_position(err, i, layer, name, "forward")
+                raise
             caches.append(cache)
         return x, tuple(caches)
 
-    def backward(params, caches, dy):
-        dparams, dx, _ = backward_trace(layers, params, caches, dy)
-        return dparams, dx
+    def walk(params, caches, dy, visit):
+        check_params(params)
+        results = [None] * n
+        for i in reversed(range(n)):
+            try:
+                results[i], dy = visit(layers[i], params[i], caches[i], dy)
+            except Exception as err:
+                note_position(err, i, layers[i], name, "backward")
+                raise
+        return tuple(results), dy
 
-    return Layer(name, init, forward, backward, tuple(layers))
+    return Layer(name, init, forward, layers=tuple(layers), walk=walk, per_example=EXAMPLEWISE)
 
 
-def mlp(sizes: Sequence[int], activation="relu", *, dtype=jnp.float32) -> Layer:
+def init_gain(activation: Layer) -> float:
+    """The weight scale that keeps activations' variance through ``activation``.
+
+    He (√2) for the rectifiers (relu, elu, gelu, silu), √(2/(1 + s²)) for leaky_relu with
+    slope s, LeCun (1) for the rest (sigmoid, tanh, softplus, identity, user layers).
+    """
+    kind = activation.spec.key[0].rsplit(".", 1)[-1] if activation.spec is not None else None
+    if kind in ("relu", "elu", "gelu", "silu"):
+        return math.sqrt(2.0)
+    if kind == "leaky_relu":
+        slope = dict(activation.spec.key[1])["negative_slope"]
+        return math.sqrt(2.0 / (1.0 + slope * slope))
+    return 1.0
+
+
+@constructor
+def mlp(sizes: Sequence[int], activation="relu", *, gain: float | None = None,
+        dtype=jnp.float32) -> Layer:
     """A multilayer perceptron ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``.
 
     Layers: ``dense(sizes[1]), act, dense(sizes[2]), act, ..., dense(sizes[-1])``; the
     output layer has no activation (it gives logits). ``activation`` is a name from
-    :data:`jbp.activations.ACTIVATIONS` or a Layer. Dense weights are LeCun normal.
+    :data:`jbp.activations.ACTIVATIONS` or a Layer. Weights are drawn from N(0, gain²/in);
+    ``gain=None`` picks it by the activation (:func:`init_gain`: He initialisation for
+    ReLU and its relatives, LeCun for sigmoid and tanh) for the hidden layers; the output
+    layer, which no activation follows, is LeCun normal.
 
-    Shapes: ``x (B, sizes[0]) -> logits (B, sizes[-1])``.
+    Shapes: ``x (B, sizes[0]) -> logits (B, sizes[-1])`` (any leading axes, see ``dense``).
     """
-    sizes = list(sizes) if isinstance(sizes, Sequence) else sizes
+    sizes = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, str) else sizes
     if not isinstance(sizes, list) or len(sizes) < 2:
         raise ValueError(f"mlp: sizes must list the input size and at least one layer size, "
                          f"e.g. [40, 100, 10]; got {sizes!r}")
@@ -102,9 +119,10 @@ def mlp(sizes: Sequence[int], activation="relu", *, dtype=jnp.float32) -> Layer:
         if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
             raise ValueError(f"mlp: every size must be a positive int, got {sizes!r}")
     act = activations.get(activation)
+    gain = init_gain(act) if gain is None else gain
     layers = []
     for width in sizes[1:-1]:
-        layers += [dense(width, dtype=dtype), act]
+        layers += [dense(width, gain=gain, dtype=dtype), act]
     layers.append(dense(sizes[-1], dtype=dtype))
     model = serial(*layers)
 
@@ -114,5 +132,4 @@ def mlp(sizes: Sequence[int], activation="relu", *, dtype=jnp.float32) -> Layer:
             raise ValueError(f"mlp: built for per-example input shape ({sizes[0]},), got {shape}")
         return model.init(key, shape)
 
-    name = f"mlp({sizes}, {act.name})"
-    return model._replace(name=name, init=init)
+    return model.replace(name=f"mlp({sizes}, {act.name})", init=init)

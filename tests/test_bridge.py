@@ -104,14 +104,13 @@ def test_a_backward_with_wrong_shapes_is_caught():
     wrong = jbp.Layer("wrong", lambda key, s: (s, {}), lambda p, x, **_: (x, None),
                       lambda p, c, dy: ({}, dy[:, :1]))
     apply = jbp.as_custom_vjp(wrong)
-    with pytest.raises(ValueError, match=r"the backward's dx has shape \(2, 1\) and dtype float32, "
-                                         r"expected shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"the backward's dx has shape \(2, 1\), expected \(2, 4\)"):
         jax.grad(lambda x: jnp.sum(apply({}, x)))(jnp.ones((2, 4)))
     bad_dparams = jbp.Layer("bad-dparams", lambda key, s: (s, {"w": jnp.ones(3)}),
                             lambda p, x, **_: (x * p["w"], x),
                             lambda p, x, dy: ({"w": jnp.sum(x * dy)}, dy * p["w"]))
     apply = jbp.as_custom_vjp(bad_dparams)
-    with pytest.raises(ValueError, match=r"dparams\['w'\] has shape \(\) .* expected shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"dparams\['w'\] has shape \(\), expected \(3,\)"):
         jax.grad(lambda p: jnp.sum(apply(p, jnp.ones((2, 3)))))({"w": jnp.ones(3)})
 
 

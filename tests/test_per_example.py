@@ -102,8 +102,9 @@ def _scale_layer():
 
 
 @pytest.mark.parametrize("layer, message", [
-    (_mixing_layer(), r"layer 1 \(centre\): this weightless layer is not known to treat examples"),
-    (_scale_layer(), r"layer 1 \(scale\): this layer has parameters but no per-example rule"),
+    (_mixing_layer(), r"layer centre: this layer declares no per-example behaviour.*\n"
+                      r"in the backward of layer 1 \(centre\)"),
+    (_scale_layer(), r"layer scale: this layer declares no per-example behaviour"),
 ])
 def test_unsupported_layers_are_named(layer, message):
     model = jbp.serial(jbp.dense(3), layer, jbp.dense(2))
