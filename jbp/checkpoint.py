@@ -6,8 +6,9 @@ tree structure as text, and optional JSON metadata. :func:`load` reads with
 ``allow_pickle=False`` and rebuilds the tree from a *template* (the same tree as freshly
 initialised, e.g. ``{"params": params, "opt_state": optimizer.init(params), ...}``): a
 checkpoint whose leaves differ from the template's in path, shape or dtype is refused with
-an error naming the first mismatching leaf. PRNG keys (typed key arrays) are stored as
-their key data and rewrapped with the template's implementation.
+a :class:`Mismatch` error (a ValueError) naming the first mismatching leaf. PRNG keys
+(typed key arrays) are stored as their key data and rewrapped with the template's
+implementation.
 
 >>> save("run/checkpoint.npz", {"params": params, "step": 3})  # doctest: +SKIP
 >>> tree, meta = load("run/checkpoint.npz", {"params": params, "step": 0})  # doctest: +SKIP
@@ -24,6 +25,16 @@ from jbp.io import write_atomic
 
 FORMAT = "jbp-checkpoint-1"
 _INDEX = "__index__"
+
+
+class Mismatch(ValueError):
+    """A checkpoint that does not fit the template. ``leaf`` is the path (``keystr``) of the
+    first leaf that differs, in the tree's flattening order, or None when only the tree
+    structure differs: e.g. ``fit`` tells a different model from a different optimizer by it."""
+
+    def __init__(self, message: str, leaf: str | None):
+        super().__init__(message)
+        self.leaf = leaf
 
 
 def _is_key(leaf) -> bool:
@@ -74,13 +85,36 @@ def _read_index(f) -> dict:
     return index
 
 
+def _first_difference(want, got):
+    """``(path, text)`` of the first leaf where the template's ``(path, shape, dtype)`` list
+    ``want`` and the checkpoint's ``got`` part, in flattening order: a difference early in
+    the tree (e.g. the params) is named before its consequences later on (their optimizer
+    state)."""
+    at = next(i for i, (a, b) in enumerate(zip(want + [None], got + [None])) if a != b)
+    w = want[at] if at < len(want) else None
+    g = got[at] if at < len(got) else None
+    if w is not None and g is not None and w[0] == g[0]:  # same leaf, other shape or dtype
+        stored = {p: rest for p, *rest in got}
+        bad = [p for p, *rest in want if p in stored and stored[p] != rest]
+        return w[0], (f"has shape {g[1]} dtype {g[2]} in the checkpoint, the model expects "
+                      f"shape {w[1]} dtype {w[2]}; {len(bad)} leaves differ: "
+                      f"{', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}")
+    t_paths, s_paths = [p for p, *_ in want], [p for p, *_ in got]
+    missing = [p for p in t_paths if p not in s_paths]
+    extra = [p for p in s_paths if p not in t_paths]
+    if w is not None and w[0] in missing:
+        return w[0], f"is missing from the checkpoint (missing {missing}, unexpected {extra})"
+    return g[0], f"differs (missing {missing}, unexpected {extra})"
+
+
 def load(path, template):
     """Read the checkpoint at ``path`` into the structure of ``template``.
 
     Returns ``(tree, meta)``: ``tree`` has ``template``'s structure, with numpy arrays
     (typed PRNG keys and Python scalars where the template has them); ``meta`` is what
-    :func:`save` was given. Raises FileNotFoundError for a missing file and ValueError for
-    a corrupt one or one from a different model, naming the leaf that differs.
+    :func:`save` was given. Raises FileNotFoundError for a missing file, ValueError for a
+    corrupt one and :class:`Mismatch` for one that does not fit ``template``, naming the
+    leaf that differs.
     """
     path = Path(path)
     if not path.exists():
@@ -94,27 +128,14 @@ def load(path, template):
     except Exception as err:  # not a zip, truncated, bad CRC, missing member, bad index
         raise ValueError(f"{path}: corrupt or unreadable checkpoint "
                          f"({type(err).__name__}: {err})") from None
-    s_paths = [leaf["path"] for leaf in index["leaves"]]
-    if s_paths != t_paths:
-        missing = [p for p in t_paths if p not in s_paths]
-        extra = [p for p in s_paths if p not in t_paths]
-        first = missing[0] if missing else extra[0] if extra else next(
-            a for a, b in zip(t_paths, s_paths) if a != b)
-        raise ValueError(f"{path}: checkpoint is from a different model: leaf {first} "
-                         f"{'is missing from the checkpoint' if first in missing else 'differs'}"
-                         f" (missing {missing}, unexpected {extra})")
-    bad = [(p, want, got) for p, want, got in zip(t_paths, t_arrays, stored)
-           if want.shape != got.shape or want.dtype != got.dtype]
-    if bad:
-        p, want, got = bad[0]
-        raise ValueError(f"{path}: checkpoint is from a different model: leaf {p} has "
-                         f"shape {got.shape} dtype {got.dtype} in the checkpoint, the model "
-                         f"expects shape {want.shape} dtype {want.dtype}; {len(bad)} leaves "
-                         f"differ: {', '.join(b[0] for b in bad[:8])}"
-                         f"{', ...' if len(bad) > 8 else ''}")
+    template_leaves = [(p, a.shape, a.dtype) for p, a in zip(t_paths, t_arrays)]
+    stored_leaves = [(leaf["path"], a.shape, a.dtype) for leaf, a in zip(index["leaves"], stored)]
+    if template_leaves != stored_leaves:
+        leaf, text = _first_difference(template_leaves, stored_leaves)
+        raise Mismatch(f"{path}: checkpoint is from a different model: leaf {leaf} {text}", leaf)
     if index["structure"] != t_structure:
-        raise ValueError(f"{path}: checkpoint tree structure differs from the template:\n"
-                         f"  checkpoint: {index['structure']}\n  template:   {t_structure}")
+        raise Mismatch(f"{path}: checkpoint tree structure differs from the template:\n"
+                       f"  checkpoint: {index['structure']}\n  template:   {t_structure}", None)
     leaves = []
     for want, got in zip(t_leaves, stored):
         if _is_key(want):

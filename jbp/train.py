@@ -10,10 +10,10 @@ How it runs: the data are put on the device once; each epoch draws a permutation
 epoch (``loop="scan"``, the default, faster on a 2-core CPU) or as a Python loop over the
 jitted step (``loop="python"``). The same key gives bit-identical params on the same
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
+Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows.
 """
 
 import functools
-import math
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -25,11 +25,14 @@ from tqdm.auto import tqdm
 
 from jbp import checkpoint
 from jbp.data import Dataset
+from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
+                            make_evaluator)
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
 from jbp.layer import Layer
 from jbp.losses import Loss
 
 OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
+DEFAULT_LEARNING_RATE = 1e-3
 GRADS = {"manual": manual_value_and_grad, "autodiff": autodiff_value_and_grad}
 LOOPS = ("scan", "python")
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -43,26 +46,57 @@ def _positive_int(value, name):
     return int(value)
 
 
+def _bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"fit: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 @functools.lru_cache(maxsize=16)
 def _named_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
     # The same name and rate give the same object, so compiled steps can be reused.
     return OPTIMIZERS[name](learning_rate)
 
 
-def make_optimizer(optimizer=None, learning_rate: float = 1e-3) -> optax.GradientTransformation:
-    """``None``/``"adam"`` → ``optax.adam(learning_rate)``, ``"sgd"`` → ``optax.sgd``;
-    a GradientTransformation is returned as it is (its own learning rate applies)."""
+def make_optimizer(optimizer=None, learning_rate=None) -> optax.GradientTransformation:
+    """``None``/``"adam"`` → ``optax.adam(learning_rate)``, ``"sgd"`` → ``optax.sgd``
+    (``learning_rate=None`` means 1e-3). An optax GradientTransformation is returned as it
+    is: it carries its own learning rate, so giving ``learning_rate`` with it is an error."""
     if isinstance(optimizer, optax.GradientTransformation):
+        if learning_rate is not None:
+            raise ValueError(f"fit: learning_rate={learning_rate!r} does not apply to an optax "
+                             f"GradientTransformation, which carries its own learning rate; "
+                             f"leave learning_rate out or use optimizer='adam'/'sgd'")
         return optimizer
     if optimizer is None:
         optimizer = "adam"
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         raise ValueError(f"fit: unknown optimizer {optimizer!r}; use one of "
                          f"{', '.join(map(repr, OPTIMIZERS))} or an optax GradientTransformation")
+    if learning_rate is None:
+        learning_rate = DEFAULT_LEARNING_RATE
     if (not isinstance(learning_rate, (int, float)) or isinstance(learning_rate, bool)
             or not learning_rate > 0):
         raise ValueError(f"fit: learning_rate must be a positive number, got {learning_rate!r}")
     return _named_optimizer(optimizer, float(learning_rate))
+
+
+def describe_optimizer(optimizer, learning_rate, opt_state) -> dict:
+    """What a checkpoint records of the optimizer (JSON): the name and learning rate of a
+    named one, and for any optimizer the tree structure of its state."""
+    state = str(jax.tree_util.tree_structure(opt_state))
+    if isinstance(optimizer, optax.GradientTransformation):
+        return {"name": None, "learning_rate": None, "state": state}
+    rate = DEFAULT_LEARNING_RATE if learning_rate is None else float(learning_rate)
+    return {"name": optimizer or "adam", "learning_rate": rate, "state": state}
+
+
+def _optimizer_text(description) -> str:
+    if description is None:
+        return "an optimizer it did not record"
+    if description["name"] is None:
+        return f"an optax GradientTransformation with state {description['state']}"
+    return f"{description['name']!r} with learning_rate {description['learning_rate']:g}"
 
 
 def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
@@ -95,15 +129,29 @@ def _as_key(key):
 
 
 def _split_data(data, name):
+    """``(x, y)`` as arrays, with as many inputs as targets."""
     if isinstance(data, Dataset):
-        return data.x_train, data.y_train
+        data = (data.x_train, data.y_train)
     try:
         x, y = data
     except (TypeError, ValueError):
         raise ValueError(f"fit: {name} must be a jbp.data.Dataset or a pair (x, y)") from None
-    if len(x) != len(y):
-        raise ValueError(f"fit: {name} has {len(x)} inputs but {len(y)} targets")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ValueError(f"fit: {name} has inputs of shape {tuple(x.shape)} but targets of "
+                         f"shape {tuple(y.shape)}; both need one row per example")
+    if len(x) == 0:
+        raise ValueError(f"fit: {name} has no examples")
     return x, y
+
+
+def _like(b, a):
+    """``b`` in ``a``'s dtype when both are floating or both integer (e.g. float64 test
+    data beside float32 train data), else ``b`` as it is."""
+    for kind in (jnp.floating, jnp.integer):
+        if jnp.issubdtype(a.dtype, kind) and jnp.issubdtype(b.dtype, kind):
+            return b.astype(a.dtype)
+    return b
 
 
 # ---------------------------------------------------------------------------- compiled steps
@@ -134,37 +182,18 @@ def make_epoch(update):
     return epoch
 
 
-def make_evaluate(model: Layer, loss: Loss):
-    """``evaluate(params, x (N, ...), y (N, ...)) -> (losses (N,), correct (N,))`` in
-    evaluation mode: per-example losses and whether the argmax of the output equals the
-    integer label (NaN where accuracy does not apply). One call covers train and test
-    sets stacked together, so evaluation compiles once.
-    """
-
-    def evaluate(params, x, y):
-        out = model.apply(params, x, train=False)
-        losses = loss.per_example(out, y)
-        if out.ndim == 2 and jnp.issubdtype(y.dtype, jnp.integer):
-            correct = (jnp.argmax(out, axis=-1) == y).astype(jnp.float32)
-        else:
-            correct = jnp.full(losses.shape, jnp.nan, jnp.float32)
-        return losses, correct
-
-    return evaluate
-
-
 class Compiled(NamedTuple):
     """The jitted functions of one (model, loss, gradient source, optimizer)."""
 
     step: Callable  # (params, opt_state, x, y, idx (B,), key) -> (params, opt_state, loss)
     epoch: Callable  # (params, opt_state, x, y, batches (S, B), keys (S,)) -> (..., losses (S,))
-    evaluate: Callable  # (params, x, y) -> (losses (N,), correct (N,))
+    evaluate: Callable  # (params, xs (K, C, ...), ys (K, C, ...)) -> (losses, correct) (K*C,)
 
 
 def _compile(model, loss, grad, optimizer) -> Compiled:
     update = make_update(make_grad_fn(model, loss, grad), optimizer)
     return Compiled(jax.jit(update), jax.jit(make_epoch(update)),
-                    jax.jit(make_evaluate(model, loss)))
+                    jax.jit(make_evaluate_chunks(make_evaluate(model, loss))))
 
 
 _compile_cached = functools.lru_cache(maxsize=16)(_compile)
@@ -193,17 +222,76 @@ def _epoch_plan(key, epoch, n, batch_size, n_steps, first_step):
 _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 
 
-# ---------------------------------------------------------------------------- fit
+# ---------------------------------------------------------------------------- checkpoints
 
 def _checkpoint_tree(params, opt_state, step, key):
     # "params" sorts before "state", so a different model is reported by a params leaf first.
     return {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
 
 
-def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
-        learning_rate: float = 1e-3, epochs: int | None = None, steps: int | None = None,
-        batch_size: int = 128, grad="manual", eval_data=None, checkpoint_dir=None,
-        resume: bool = False, loop: str = "scan", progress: bool = True, on_epoch=None):
+_OPT_STATE = "['state']['opt_state']"  # where the optimizer state's leaves live in that tree
+
+
+def _restore(path, template, config, optimizer):
+    """``(tree, meta)`` of the checkpoint at ``path`` if it continues this run: the same
+    model (else "different model", naming the leaf), the same optimizer (else "different
+    optimizer"; ``optimizer`` is :func:`describe_optimizer`'s) and the same config."""
+    try:
+        tree, meta = checkpoint.load(path, template)
+    except checkpoint.Mismatch as err:
+        saved = checkpoint.read_meta(path).get("optimizer")
+        if (err.leaf or "").startswith(_OPT_STATE):
+            raise _different_optimizer(path, saved, optimizer, err.leaf) from None
+        if err.leaf is None and saved not in (None, optimizer):  # only the structure differs
+            raise _different_optimizer(path, saved, optimizer) from None
+        raise
+    if meta.get("optimizer") not in (None, optimizer):  # None: written before it was recorded
+        raise _different_optimizer(path, meta["optimizer"], optimizer)
+    if meta["config"] != config:
+        raise ValueError(f"fit: checkpoint {path} was written with {meta['config']}, "
+                         f"this run has {config}; resuming would not repeat the same run")
+    return tree, meta
+
+
+def _different_optimizer(path, saved, optimizer, leaf=None) -> ValueError:
+    return ValueError(f"fit: checkpoint {path} was written with a different optimizer: "
+                      f"{_optimizer_text(saved)}; this run uses {_optimizer_text(optimizer)}"
+                      + (f" (the optimizer state differs at leaf {leaf})" if leaf else ""))
+
+
+def _refuse_overwrite(path):
+    try:
+        held = f" ({len(checkpoint.read_meta(path)['history']['loss'])} steps)"
+    except Exception:  # unreadable: refuse all the same, without the count
+        held = ""
+    raise ValueError(f"fit: {path} already holds a checkpoint{held}; pass resume=True to "
+                     f"continue it, or overwrite=True to start afresh and replace it")
+
+
+# ---------------------------------------------------------------------------- fit
+
+def _epochs(steps, steps_per_epoch) -> str:
+    epochs = steps / steps_per_epoch
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
+
+
+def _check_finite(values, first_step, epoch):
+    """Raise FloatingPointError naming the first non-finite minibatch loss in ``values``."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        at = first_step + int(bad[0])
+        raise FloatingPointError(
+            f"fit: the minibatch loss is {values[bad[0]]} at step {at + 1} "
+            f"(history['loss'][{at}]), epoch {epoch}; stopped before that epoch's evaluation "
+            f"and checkpoint. Lower the learning rate or look for NaN/inf in the params and "
+            f"data; stop_on_nonfinite=False trains on regardless")
+
+
+def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning_rate=None,
+        epochs: int | None = None, steps: int | None = None, batch_size: int = 128,
+        grad="manual", eval_data=None, eval_batch_size: int = 1024, checkpoint_dir=None,
+        resume: bool = False, overwrite: bool = False, stop_on_nonfinite: bool = True,
+        loop: str = "scan", progress: bool = True, on_epoch=None):
     """Train ``params`` of ``model`` on ``loss`` by minibatch gradient descent.
 
     Args:
@@ -214,16 +302,29 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
       key: a PRNG key; it alone decides the shuffling and dropout masks.
       optimizer: ``None``/``"adam"`` (default), ``"sgd"`` (the lecture's plain gradient
         descent), or any optax ``GradientTransformation``.
-      learning_rate: for ``"adam"``/``"sgd"``.
-      epochs, steps: how long; give at most one (default: 10 epochs). An epoch is
-        ``N // batch_size`` steps (the remainder of the shuffled data is left out).
+      learning_rate: for ``"adam"``/``"sgd"``; None means 1e-3. An optax
+        GradientTransformation carries its own: giving both is an error.
+      epochs, steps: how long the whole run is, counting what a resumed checkpoint already
+        holds; give at most one (default: 10 epochs). An epoch is ``N // batch_size`` steps
+        (the remainder of the shuffled data is left out).
       batch_size: examples per step, at most N.
       grad: ``"manual"`` (hand-written backward), ``"autodiff"`` (``jax.grad``) or a function
         ``(params, x, y) -> (loss, grads)``.
       eval_data: ``(x, y)`` to evaluate on after every epoch (and before the first).
+      eval_batch_size: evaluation runs over chunks of this many rows (the numbers are the
+        same for any size; a smaller one needs less memory).
       checkpoint_dir: save params, optimizer state, step, key and history there after
-        every epoch (``checkpoint.npz``, atomically). With ``resume=True`` an existing
-        checkpoint there is loaded and training goes on from its step.
+        every epoch (``checkpoint.npz``, atomically), with the optimizer's name and learning
+        rate (or its state's structure).
+      resume: continue from the checkpoint in ``checkpoint_dir`` if there is one. It must be
+        of the same model, optimizer, batch size and N, and hold at most the steps asked
+        for (as many: its params and history come back without training).
+      overwrite: start afresh even though ``checkpoint_dir`` holds a checkpoint, and replace
+        it after the first epoch. Without ``resume`` or ``overwrite`` an existing checkpoint
+        is an error, so that nothing is lost by accident.
+      stop_on_nonfinite: raise ``FloatingPointError`` naming the first step (and epoch) whose
+        minibatch loss is NaN or inf. Checked after each epoch, before its evaluation and
+        checkpoint, so the last checkpoint holds the last good epoch. False trains on.
       loop: ``"scan"`` (one ``lax.scan`` per epoch) or ``"python"`` (a Python loop over
         the jitted step).
       progress: show a tqdm bar with the current loss.
@@ -234,90 +335,107 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None,
       ``(params, history)``; ``history["loss"]`` holds the minibatch loss of every step,
       ``history["eval"]`` lists per evaluation ``epoch``, ``step``, ``train_loss``,
       ``train_accuracy`` and, with eval data, ``test_loss`` and ``test_accuracy``
-      (accuracies are None where they do not apply).
+      (accuracies are None where they do not apply: they need integer labels, or targets
+      of the output's 2-D shape whose rows are probability vectors, e.g. one-hot).
     """
-    optimizer = make_optimizer(optimizer, learning_rate)
-    fns = compiled(model, loss, grad, optimizer)
+    opt = make_optimizer(optimizer, learning_rate)
+    fns = compiled(model, loss, grad, opt)
     if loop not in LOOPS:
         raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
     key = _as_key(key)
-    x, y = _split_data(data, "data")
-    if eval_data is None and isinstance(data, Dataset):
-        eval_data = (data.x_test, data.y_test)
-    if eval_data is not None:
-        eval_data = _split_data(eval_data, "eval_data")
-    n = len(x)
     batch_size = _positive_int(batch_size, "batch_size")
+    eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
+    if epochs is not None and steps is not None:
+        raise ValueError("fit: give epochs or steps, not both")
+    resume, overwrite = _bool(resume, "resume"), _bool(overwrite, "overwrite")
+    stop_on_nonfinite = _bool(stop_on_nonfinite, "stop_on_nonfinite")
+    for flag, value in (("resume", resume), ("overwrite", overwrite)):
+        if value and checkpoint_dir is None:
+            raise ValueError(f"fit: {flag}=True needs a checkpoint_dir")
+    if resume and overwrite:
+        raise ValueError("fit: resume=True continues the checkpoint, overwrite=True replaces "
+                         "it; give one of them")
+
+    # each split is checked on its own, so an error names it and quotes its shapes
+    x, y = _split_data(data, "data")
+    check_split(model, loss, params, x, y, "fit: data")
+    splits = {"train": (x, y)}
+    if eval_data is None and isinstance(data, Dataset):
+        eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
+    else:
+        eval_name = "eval_data"
+    if eval_data is not None:
+        eval_x, eval_y = _split_data(eval_data, eval_name)
+        check_split(model, loss, params, eval_x, eval_y, f"fit: {eval_name}")
+        splits["test"] = (_like(eval_x, x), _like(eval_y, y))
+    n = len(x)
     if batch_size > n:
         raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
     steps_per_epoch = n // batch_size
-    if epochs is not None and steps is not None:
-        raise ValueError("fit: give epochs or steps, not both")
     if steps is not None:
         total_steps = _positive_int(steps, "steps")
     else:
         total_steps = _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
-    if resume and checkpoint_dir is None:
-        raise ValueError("fit: resume=True needs a checkpoint_dir")
 
-    x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
-    splits = {"train": slice(0, n)}
-    if eval_data is None:
-        eval_x, eval_y = x, y
-    else:
-        splits["test"] = slice(n, n + len(eval_data[0]))
-        eval_x = jax.device_put(jnp.concatenate([x, jnp.asarray(eval_data[0], x.dtype)]))
-        eval_y = jax.device_put(jnp.concatenate([y, jnp.asarray(eval_data[1], y.dtype)]))
-
-    opt_state = optimizer.init(params)
+    opt_state = opt.init(params)
     step = 0
     history = {"loss": [], "eval": []}
     config = {"batch_size": batch_size, "n": n}
+    described = describe_optimizer(optimizer, learning_rate, opt_state)
     ck_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
-    if resume and ck_path.exists():
-        saved, meta = checkpoint.load(ck_path, _checkpoint_tree(params, opt_state, 0, key))
-        if meta["config"] != config:
-            raise ValueError(f"fit: checkpoint {ck_path} was written with {meta['config']}, "
-                             f"this run has {config}; resuming would not repeat the same run")
-        params, state = saved["params"], saved["state"]
-        opt_state, step, key = state["opt_state"], state["step"], state["key"]
-        history = meta["history"]
+    if ck_path is not None and ck_path.exists():
+        if not (resume or overwrite):
+            _refuse_overwrite(ck_path)
+        if resume:
+            saved, meta = _restore(ck_path, _checkpoint_tree(params, opt_state, 0, key), config,
+                                   described)
+            params, state = saved["params"], saved["state"]
+            opt_state, step, key = state["opt_state"], state["step"], state["key"]
+            history = meta["history"]
+            if step > total_steps:
+                raise ValueError(f"fit: checkpoint {ck_path} already holds {step} steps "
+                                 f"({_epochs(step, steps_per_epoch)}); asked for {total_steps} "
+                                 f"steps ({_epochs(total_steps, steps_per_epoch)}). epochs/"
+                                 f"steps count the whole run, the checkpoint's steps included")
+
+    evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
 
     def record_eval(epoch):
-        entry = {"epoch": epoch, "step": step}
-        losses, correct = (np.asarray(a, np.float64) for a in fns.evaluate(params, eval_x, eval_y))
-        for split, rows in splits.items():
-            entry[f"{split}_loss"] = float(np.mean(losses[rows]))
-            accuracy = float(np.mean(correct[rows]))
-            entry[f"{split}_accuracy"] = None if math.isnan(accuracy) else accuracy
-        history["eval"].append(entry)
+        history["eval"].append({"epoch": epoch, "step": step, **evaluate(params)})
 
     if step == 0:
         record_eval(0)
     bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        n_steps = min(steps_per_epoch, total_steps - step)
-        batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
-        if loop == "scan":
-            params, opt_state, values = fns.epoch(params, opt_state, x, y, batches, keys)
-            bar.update(n_steps)
-        else:
-            values = []
-            for i in range(n_steps):
-                params, opt_state, value = fns.step(params, opt_state, x, y, batches[i], keys[i])
-                values.append(value)
-                bar.update(1)
-            values = jnp.stack(values)
-        step += n_steps
-        history["loss"].extend(np.asarray(values, np.float64).tolist())
-        bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
-        record_eval(epoch + 1)
-        if ck_path is not None:
-            checkpoint.save(ck_path, _checkpoint_tree(params, opt_state, step, key),
-                            meta={"config": config, "history": history})
-        if on_epoch is not None:
-            on_epoch(epoch + 1, params, history)
-    bar.close()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            n_steps = min(steps_per_epoch, total_steps - step)
+            batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
+            if loop == "scan":
+                params, opt_state, values = fns.epoch(params, opt_state, x, y, batches, keys)
+                bar.update(n_steps)
+            else:
+                values = []
+                for i in range(n_steps):
+                    params, opt_state, value = fns.step(params, opt_state, x, y, batches[i],
+                                                        keys[i])
+                    values.append(value)
+                    bar.update(1)
+                values = jnp.stack(values)
+            values = np.asarray(values, np.float64)
+            if stop_on_nonfinite:
+                _check_finite(values, step, epoch + 1)
+            step += n_steps
+            history["loss"].extend(values.tolist())
+            bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
+            record_eval(epoch + 1)
+            if ck_path is not None:
+                checkpoint.save(ck_path, _checkpoint_tree(params, opt_state, step, key),
+                                meta={"config": config, "optimizer": described,
+                                      "history": history})
+            if on_epoch is not None:
+                on_epoch(epoch + 1, params, history)
+    finally:
+        bar.close()
     return params, history

@@ -67,8 +67,14 @@ def test_rejects_a_checkpoint_of_a_different_model_naming_the_leaf(tmp_path):
     with pytest.raises(ValueError, match=r"different model: leaf \S*\[0\]\['W'\] "
                                          r"has shape \(4, 8\)"):
         checkpoint.load(path, _state((4, 16, 3)))
-    with pytest.raises(ValueError, match=r"different model: leaf \S*\[4\]\['W'\] is missing"):
+    # one layer more: the first leaf that differs is the second layer's weight matrix
+    with pytest.raises(ValueError, match=r"different model: leaf \['opt_state'\]\S*\[2\]\['W'\] "
+                                         r"has shape \(8, 3\).*expects shape \(8, 8\)"):
         checkpoint.load(path, _state((4, 8, 8, 3)))
+    # a tree that only lacks a leaf at its end names that leaf as missing
+    path = checkpoint.save(tmp_path / "short.npz", {"a": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"leaf \['b'\] is missing from the checkpoint"):
+        checkpoint.load(path, {"a": np.zeros(2), "b": np.zeros(1)})
 
 
 def test_rejects_wrong_dtype_naming_the_leaf(tmp_path):
@@ -98,3 +104,15 @@ def test_rejects_corrupt_files_naming_the_file(tmp_path, damage):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npz does not exist"):
         checkpoint.load(tmp_path / "nope.npz", {"step": 0})
+
+
+def test_mismatch_names_the_leaf_where_the_trees_first_part(tmp_path):
+    # the checkpoint has an extra params leaf, the template an extra state leaf: the params
+    # come first in the flattened tree, so theirs is the difference to name
+    path = checkpoint.save(tmp_path / "ck.npz", {"params": {"v": np.zeros(2), "w": np.zeros(3)},
+                                                 "state": {}})
+    with pytest.raises(checkpoint.Mismatch, match=r"different model: leaf \['params'\]\['v'\]") \
+            as err:
+        checkpoint.load(path, {"params": {"w": np.zeros(3)}, "state": {"m": np.zeros(3)}})
+    assert err.value.leaf == "['params']['v']"
+    assert isinstance(err.value, ValueError)

@@ -143,6 +143,13 @@ def test_progress_bar_shows_the_loss_or_stays_silent(setup, capsys):
     ({"loop": "fori"}, "loop must be one of"),
     ({"key": 3}, r"key must be a PRNG key, e.g. jax.random.key\(0\), got int32"),
     ({"key": None}, "key must be a PRNG key.*got NoneType"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be a positive int, got 0"),
+    ({"eval_batch_size": 2.5}, "eval_batch_size must be a positive int, got 2.5"),
+    ({"optimizer": optax.sgd(0.1), "learning_rate": 0.1},
+     "learning_rate=0.1 does not apply to an optax GradientTransformation"),
+    ({"overwrite": True}, "overwrite=True needs a checkpoint_dir"),
+    ({"resume": True, "overwrite": True, "checkpoint_dir": "unused"}, "give one of them"),
+    ({"stop_on_nonfinite": "yes"}, "stop_on_nonfinite must be True or False, got 'yes'"),
 ])
 def test_bad_arguments(setup, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -240,3 +247,160 @@ def test_on_epoch_is_called_after_every_epoch(setup):
     _fit(setup, on_epoch=lambda epoch, params, history: seen.append(
         (epoch, len(history["loss"]), history["eval"][-1]["epoch"])))
     assert seen == [(1, 6, 1), (2, 12, 2), (3, 18, 3)]
+
+
+# ---------------------------------------------------------------------------- non-finite loss
+
+# Plain SGD whose learning rate turns NaN at the 9th update (optimizer count 8): the params
+# are NaN from then on, so the minibatch loss of step 10 (history index 9, epoch 2) is NaN.
+# One object for the module, so its compiled functions are reused.
+SGD_NAN_FROM_9TH_UPDATE = optax.sgd(lambda count: jnp.where(count < 8, 0.1, jnp.nan))
+
+
+@pytest.mark.parametrize("grad", ["manual", "autodiff"])
+def test_a_nan_in_the_params_stops_fit_at_the_first_step(setup, grad):
+    model, params, data = setup  # tanh: NaN goes through it (relu(NaN) may not)
+    params = jax.tree_util.tree_map(lambda a: a, params)
+    params[0]["W"] = params[0]["W"].at[0, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match=r"minibatch loss is nan at step 1 "
+                                                 r"\(history\['loss'\]\[0\]\), epoch 1;"):
+        jbp.fit(model, LOSS, params, data, key=jax.random.key(1), epochs=3, batch_size=32,
+                grad=grad, progress=False)
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_a_loss_turning_nan_stops_fit_at_that_step_keeping_the_last_good_checkpoint(
+        setup, tmp_path, loop):
+    kwargs = {"optimizer": SGD_NAN_FROM_9TH_UPDATE, "loop": loop}
+    _, history = _fit(setup, stop_on_nonfinite=False, **kwargs)  # trains on regardless
+    finite = np.isfinite(history["loss"])
+    assert finite[:9].all() and not finite[9:].any()
+
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 10 "
+                                                 r"\(history\['loss'\]\[9\]\), epoch 2;"):
+        _fit(setup, checkpoint_dir=tmp_path, on_epoch=lambda e, p, h: seen.append(e), **kwargs)
+    assert seen == [1]  # epoch 2 was neither evaluated nor handed on
+    meta = checkpoint.read_meta(tmp_path / "checkpoint.npz")
+    assert len(meta["history"]["loss"]) == 6 and meta["history"]["eval"][-1]["epoch"] == 1
+    with np.load(tmp_path / "checkpoint.npz") as f:
+        assert all(np.isfinite(f[name]).all() for name in f.files if name.startswith("leaf_"))
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def test_evaluation_in_chunks_gives_the_same_numbers(setup):
+    _, whole = _fit(setup, epochs=1)  # 192 train and 64 test rows: one chunk each
+    _, chunked = _fit(setup, epochs=1, eval_batch_size=7)  # 7 divides neither 192 nor 256
+    assert whole["loss"] == chunked["loss"]
+    for a, b in zip(whole["eval"], chunked["eval"], strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-6, err_msg=name)
+
+
+def test_accuracy_from_one_hot_targets_and_none_for_other_targets(setup):
+    model, params, data = setup
+    hot = Dataset(data.x_train, jbp.data.one_hot(data.y_train, 3), data.x_test,
+                  jbp.data.one_hot(data.y_test, 3))
+    trained, history = jbp.fit(model, LOSS, params, hot, key=jax.random.key(1), epochs=1,
+                               batch_size=32, progress=False)
+    for split, x, labels in (("train", data.x_train, data.y_train),
+                             ("test", data.x_test, data.y_test)):
+        want = float(np.mean(np.argmax(np.asarray(model.apply(trained, x)), -1) == labels))
+        assert history["eval"][-1][f"{split}_accuracy"] == pytest.approx(want, abs=1e-12)
+    # regression targets (rows that are not probability vectors): accuracy does not apply
+    scaled = hot._replace(y_train=2 * hot.y_train, y_test=2 * hot.y_test)
+    _, history = jbp.fit(model, jbp.losses.mean_squared_error, params, scaled,
+                         key=jax.random.key(1), steps=1, batch_size=32, progress=False)
+    assert history["eval"][-1]["train_accuracy"] is None
+    assert history["eval"][-1]["test_accuracy"] is None
+
+
+@pytest.mark.parametrize("split, message", [
+    ("eval_labels", r"fit: eval_data \(inputs float32\[64, 8\], targets int32\[64, 2\]\) "
+                    r"does not fit the model and loss: .*\(64, 2\)"),
+    ("eval_inputs", r"fit: eval_data \(inputs float32\[64, 7\], targets int32\[64\]\) "
+                    r"does not fit the model and loss"),
+    ("train_labels", r"fit: data \(inputs float32\[192, 8\], targets int32\[192, 2\]\)"),
+    ("test_length", r"fit: the test split of data has inputs of shape \(64, 8\) but targets "
+                    r"of shape \(63,\)"),
+])
+def test_bad_shapes_are_reported_for_their_split_with_its_sizes(setup, split, message):
+    x, y, xt, yt = setup[2]
+    kwargs = {}
+    if split == "eval_labels":
+        kwargs["eval_data"] = (xt, np.stack([yt, yt], axis=1))
+    elif split == "eval_inputs":
+        kwargs["eval_data"] = (xt[:, :7], yt)
+    elif split == "train_labels":
+        kwargs["data"] = (x, np.stack([y, y], axis=1))
+    else:
+        kwargs["data"] = Dataset(x, y, xt, yt[:63])
+    model, params, data = setup
+    with pytest.raises(ValueError, match=message) as err:
+        jbp.fit(model, LOSS, params, kwargs.pop("data", data), key=jax.random.key(1), epochs=1,
+                batch_size=32, progress=False, **kwargs)
+    assert "256" not in str(err.value)  # never the size of train and test put together
+
+
+# ---------------------------------------------------------------------------- resume rules
+
+def test_resume_counts_the_whole_run_and_refuses_fewer_steps_than_the_checkpoint_holds(
+        setup, tmp_path):
+    straight, h_straight = _fit(setup, epochs=3)
+    two, h_two = _fit(setup, epochs=2, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"already holds 12 steps \(2 epochs\); asked for 6 "
+                                         r"steps \(1 epoch\)\. epochs/steps count the whole run"):
+        _fit(setup, epochs=1, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="already holds 12 steps"):
+        _fit(setup, steps=11, checkpoint_dir=tmp_path, resume=True)
+    seen = []  # as many steps as it holds: the saved result, without training
+    same, h_same = _fit(setup, epochs=2, checkpoint_dir=tmp_path, resume=True,
+                        on_epoch=lambda *args: seen.append(args))
+    assert _equal(same, two) and h_same == h_two and seen == []
+    three, h_three = _fit(setup, epochs=3, checkpoint_dir=tmp_path, resume=True)
+    assert len(h_three["loss"]) == 18 and _equal(three, straight) and h_three == h_straight
+
+
+def test_a_fresh_run_refuses_to_replace_a_checkpoint_unless_told(setup, tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    _fit(setup, epochs=1, checkpoint_dir=tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint.npz already holds a checkpoint \(6 steps\)"
+                                         r"; pass resume=True.*or overwrite=True"):
+        _fit(setup, epochs=1, checkpoint_dir=tmp_path, key=jax.random.key(2))
+    assert path.read_bytes() == before
+    _, history = _fit(setup, epochs=1, checkpoint_dir=tmp_path, key=jax.random.key(2),
+                      overwrite=True)
+    assert checkpoint.read_meta(path)["history"] == history
+    assert path.read_bytes() != before
+
+
+def test_resume_with_another_optimizer_says_different_optimizer(setup, tmp_path):
+    named, custom = tmp_path / "named", tmp_path / "custom"
+    _fit(setup, epochs=1, checkpoint_dir=named)  # adam, learning rate 1e-3
+    adam = optax.adam(1e-3)
+    _fit(setup, epochs=1, checkpoint_dir=custom, optimizer=adam)
+    for ck_dir, kwargs, saved, asked in [
+        (named, {"optimizer": "sgd"}, "'adam' with learning_rate 0.001",  # state: other leaves
+         "'sgd' with learning_rate 0.001"),
+        (named, {"learning_rate": 1e-2}, "'adam' with learning_rate 0.001",  # same state
+         "'adam' with learning_rate 0.01"),
+        (custom, {"optimizer": optax.adamw(1e-3)}, "optax GradientTransformation",  # same
+         "optax GradientTransformation"),                          # leaves, other structure
+    ]:
+        with pytest.raises(ValueError, match="different optimizer") as err:
+            _fit(setup, epochs=2, checkpoint_dir=ck_dir, resume=True, **kwargs)
+        message = str(err.value)
+        assert "different model" not in message
+        assert message.index(saved) < message.index("this run uses") < message.rindex(asked)
+    # a different model with a different optimizer is a different model first
+    model = jbp.mlp([8, 32, 3], activation="tanh")
+    _, params = model.init(jax.random.key(0), (8,))
+    with pytest.raises(ValueError, match=r"different model: leaf \['params'\]"):
+        jbp.fit(model, LOSS, params, setup[2], key=jax.random.key(1), epochs=2, batch_size=32,
+                optimizer="sgd", checkpoint_dir=named, resume=True, progress=False)
+    # the same optimizer again resumes
+    _, history = _fit(setup, epochs=2, checkpoint_dir=custom, resume=True, optimizer=adam)
+    assert len(history["loss"]) == 12
