@@ -22,13 +22,14 @@ from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu,
 from jbp.bridge import as_custom_vjp
 from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
+from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
 from jbp.dense import dense
 from jbp.dropout import dropout
 from jbp.flatten import flatten
 from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
-from jbp.layer import Layer
-from jbp.losses import Loss
+from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
+from jbp.losses import IGNORE_LABEL, Loss
 from jbp.maxout import maxout
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
@@ -41,10 +42,11 @@ __all__ = [
     # modules
     "activations", "checkpoint", "data", "losses",
     # the layer protocol and the layers
-    "Layer", "dense", "dropout", "flatten", "maxout", "serial", "mlp", "elementwise",
+    "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
+    "dense", "dropout", "flatten", "maxout", "serial", "mlp", "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
-    "Loss", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",
+    "Loss", "IGNORE_LABEL", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",
     "numerical_value_and_grad", "finite_difference_grad", "compare_grads", "GradComparison",
     # training
     "fit",

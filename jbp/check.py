@@ -58,10 +58,12 @@ class GradComparison:
         return max(bad, key=lambda leaf: -1 if leaf.layer is None else leaf.layer, default=None)
 
     def __str__(self) -> str:
-        head = f"{'leaf':<16}{'shape':>14}{'max abs err':>14}{'rel err':>12}  ok"
+        w = max([16] + [len(leaf.path) + 2 for leaf in self.leaves])
+        s = max([14] + [len(str(leaf.shape)) + 2 for leaf in self.leaves])
+        head = f"{'leaf':<{w}}{'shape':>{s}}{'max abs err':>14}{'rel err':>12}  ok"
         lines = [head, "-" * len(head)]
         for leaf in self.leaves:
-            lines.append(f"{leaf.path:<16}{str(leaf.shape):>14}{leaf.max_abs:>14.3e}"
+            lines.append(f"{leaf.path:<{w}}{str(leaf.shape):>{s}}{leaf.max_abs:>14.3e}"
                          f"{leaf.rel:>12.3e}  {'yes' if leaf.ok else 'NO'}")
         first = self.first_disagreement
         verdict = ("all leaves agree" if first is None else

@@ -80,18 +80,18 @@ def _mse_factor(out, target):
 
 def _bce_factor(logits, target):
     losses._check_same_shape(logits, target, "ggn_diagonal(sigmoid_binary_cross_entropy)")
-    s = logistic(logits)
-    return _eye_factor(jnp.sqrt(s * (1.0 - s) / math.prod(logits.shape[1:])), logits)
+    s_s = logistic(logits) * logistic(-logits)  # s(1 − s), without cancelling in the tails
+    return _eye_factor(jnp.sqrt(s_s / math.prod(logits.shape[1:])), logits)
 
 
 def _softmax_ce_factor(logits, target):
     if logits.ndim != 2:
         raise ValueError(f"ggn_diagonal(softmax_cross_entropy): supports logits of shape "
                          f"(batch, classes), got {tuple(logits.shape)}")
-    y, scale_nan, _ = losses._targets(logits, target)
+    y, _ = losses._targets(logits, target)
     p = jax.nn.softmax(logits, axis=-1)
     k = logits.shape[1]
-    sigma = jnp.sum(y, axis=-1, keepdims=True) * scale_nan[:, None]  # 1 for labels, 0 padding
+    sigma = jnp.sum(y, axis=-1, keepdims=True)  # 1 for labels, 0 for padding
     scale = jnp.sqrt(sigma * p)  # (B, K)
     eye = jnp.eye(k, dtype=logits.dtype)
     # S[k, i, :] = scale[i, k] (e_k − p_i)

@@ -98,8 +98,8 @@ _CE = "softmax_cross_entropy"
 
 
 def _targets(logits, target):
-    """``(y, scale, count)``: targets as probabilities (B, ..., C), a per-position factor
-    that is NaN at invalid labels and 1 elsewhere, and the positions that count per example."""
+    """``(y, count)``: targets as probabilities (B, ..., C), all NaN at an invalid label (so
+    the loss and both gradients are NaN there), and the positions that count per example."""
     if logits.ndim < 2:
         raise ValueError(f"{_CE}: expected logits of shape (batch, ..., classes), got "
                          f"{tuple(logits.shape)}")
@@ -111,7 +111,7 @@ def _targets(logits, target):
                              f"one-hot/probability targets of shape {tuple(logits.shape)}); got "
                              f"{target.dtype} of shape {tuple(target.shape)}")
         count = jnp.full(positions[:1], math.prod(positions[1:]), logits.dtype)
-        return target.astype(logits.dtype), jnp.ones(positions, logits.dtype), count
+        return target.astype(logits.dtype), count
     if target.shape != positions:
         raise ValueError(f"{_CE}: integer labels must have shape {tuple(positions)} for logits "
                          f"{tuple(logits.shape)}, got {tuple(target.shape)}")
@@ -123,11 +123,11 @@ def _targets(logits, target):
                              f"classes (or be IGNORE_LABEL={IGNORE_LABEL}), got "
                              f"{t[bad][:5].tolist()}")
     valid = (target >= 0) & (target < n_classes)
-    ignored = target == IGNORE_LABEL
-    y = jax.nn.one_hot(target, n_classes, dtype=logits.dtype)  # all zero outside [0, C)
-    scale = jnp.where(valid | ignored, 1.0, jnp.nan).astype(logits.dtype)
+    invalid = ~valid & (target != IGNORE_LABEL)
+    y = jax.nn.one_hot(target, n_classes, dtype=logits.dtype)  # all zero for padding
+    y = jnp.where(invalid[..., None], jnp.nan, y)
     count = jnp.sum(valid.reshape(valid.shape[0], -1), axis=1).astype(logits.dtype)
-    return y, scale, count
+    return y, count
 
 
 def _per_position(x, count):
@@ -137,24 +137,21 @@ def _per_position(x, count):
 
 
 def _ce_per_example(logits, target):
-    y, scale, count = _targets(logits, target)
+    y, count = _targets(logits, target)
     nll = -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-    return _per_position(nll * scale, count)
+    return _per_position(nll, count)
 
 
 def _ce_per_example_grad(logits, target):
-    y, scale, count = _targets(logits, target)
+    y, count = _targets(logits, target)
     p = jax.nn.softmax(logits, axis=-1)
-    # ∂/∂z of −Σ_k y_k log p_k is p·Σy − y: the lecture's p − y for one-hot y, and 0 for a
-    # padding label (y = 0). The NaN scale of an invalid label spreads to its whole row.
-    g = (p * jnp.sum(y, axis=-1, keepdims=True) - y) * scale[..., None]
-    per_example = jnp.where(count > 0, count, 1).reshape((-1,) + (1,) * (logits.ndim - 1))
-    return g / per_example
+    # ∂/∂z of −Σ_k y_k log p_k is p·Σy − y: the lecture's p − y for one-hot y, 0 for padding.
+    g = p * jnp.sum(y, axis=-1, keepdims=True) - y
+    return g / jnp.where(count > 0, count, 1).reshape((-1,) + (1,) * (logits.ndim - 1))
 
 
 def _ce_weights(logits, target):
-    _, _, count = _targets(logits, target)
-    return (count > 0).astype(logits.dtype)
+    return (_targets(logits, target)[1] > 0).astype(logits.dtype)
 
 
 softmax_cross_entropy = Loss(_CE, _ce_per_example, _ce_per_example_grad, _ce_weights)
@@ -194,19 +191,24 @@ mean_squared_error = Loss("mean_squared_error", _mse_per_example, _mse_per_examp
 
 def _bce_per_example(logits, target):
     _check_same_shape(logits, target, "sigmoid_binary_cross_entropy")
-    # −y log s(z) − (1 − y) log(1 − s(z)) = softplus(z) − y z, stably.
-    return _per_example_mean(jax.nn.softplus(logits) - target * logits)
+    # −y log s(z) − (1 − y) log(1 − s(z)) = y softplus(−z) + (1 − y) softplus(z): both terms
+    # keep their digits in both tails (softplus(z) − y z would cancel to 0 for large z).
+    z, y = logits, target
+    return _per_example_mean(y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z))
 
 
 def _bce_per_example_grad(logits, target):
     _check_same_shape(logits, target, "sigmoid_binary_cross_entropy")
-    return (logistic(logits) - target) / _elements(logits)
+    # s(z) − y, written as (1 − y) s(z) − y s(−z): exact in both tails (1 − s(z) = s(−z)).
+    z, y = logits, target
+    return ((1 - y) * logistic(z) - y * logistic(-z)) / _elements(logits)
 
 
 sigmoid_binary_cross_entropy = Loss("sigmoid_binary_cross_entropy", _bce_per_example,
                                     _bce_per_example_grad)
 """Binary cross-entropy on logits, targets in [0, 1] of the logits' shape, mean over example
-i's elements; ∂ℓ_i/∂z = (sigmoid(z) − y)/N with N elements per example."""
+i's elements; ∂ℓ_i/∂z = (sigmoid(z) − y)/N with N elements per example, accurate in both
+tails (it matches optax's gradient element by element)."""
 
 LOSSES = {loss.name: loss for loss in (softmax_cross_entropy, mean_squared_error,
                                        sigmoid_binary_cross_entropy)}

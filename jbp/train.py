@@ -283,8 +283,9 @@ def _check_finite(values, first_step, epoch):
         raise FloatingPointError(
             f"fit: the minibatch loss is {values[bad[0]]} at step {at + 1} "
             f"(history['loss'][{at}]), epoch {epoch}; stopped before that epoch's evaluation "
-            f"and checkpoint. Lower the learning rate or look for NaN/inf in the params and "
-            f"data; stop_on_nonfinite=False trains on regardless")
+            f"and checkpoint. Lower the learning rate, or look for NaN/inf in the params and "
+            f"data and for labels outside [0, classes); stop_on_nonfinite=False trains on "
+            f"regardless")
 
 
 def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning_rate=None,

@@ -3,6 +3,7 @@ equal the same quantities from jax.vmap(jax.grad(...)), for every layer type and
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jbp
@@ -146,3 +147,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="batch larger than ddof=1"):
         jbp.per_example_grad_variance(model, L.softmax_cross_entropy, ddof=1)(
             params, jnp.ones((1, 4)), jnp.array([0]))
+
+
+def test_variance_is_accurate_in_float32_on_a_batch_of_similar_examples():
+    """Before: Σg² − B·mean² in one pass was off by 10–70% in float32 (entries clipped to 0)
+    when the examples' gradients nearly agree. Reference: vmap(grad) and numpy in float64."""
+    model = jbp.mlp([8, 16, 3], "tanh")
+    _, params = model.init(jax.random.key(0), (8,))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(1.0 + 1e-3 * rng.normal(size=(64, 8)), jnp.float32)  # nearly one example
+    y = jnp.zeros(64, jnp.int32)
+    loss = L.softmax_cross_entropy
+    _, var = jax.jit(jbp.per_example_grad_variance(model, loss))(params, x, y)
+    ref = reference_per_example_grads(model, loss, params, x, y, {})
+    want = jax.tree_util.tree_map(lambda g: np.var(np.asarray(g, np.float64), axis=0), ref)
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(var))
+    assert rel_err(var, want) <= 1e-3

@@ -1,0 +1,262 @@
+"""The layer protocol as a JAX user meets it: composites with their own backward, gradient
+dtypes, leading axes, keyword arguments, errors inside composites, models as values,
+check_layer and per-example declarations of user layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+from conftest import rel_err
+
+L = jbp.losses
+CE, MSE = L.softmax_cross_entropy, L.mean_squared_error
+
+
+def _black_box_sum(a, b):
+    """y = a(x) + b(x) with its own (correct) backward and no walk: a black box."""
+
+    def init(key, in_shape):
+        ka, kb = jax.random.split(key)
+        shape, pa = a.init(ka, in_shape)
+        return shape, (pa, b.init(kb, in_shape)[1])
+
+    def forward(params, x, *, key=None, train=False):
+        ya, ca = a.forward(params[0], x)
+        yb, cb = b.forward(params[1], x)
+        return ya + yb, (ca, cb)
+
+    def backward(params, cache, dy):
+        ga, dxa = a.backward(params[0], cache[0], dy)
+        gb, dxb = b.backward(params[1], cache[1], dy)
+        return (ga, gb), dxa + dxb
+
+    return jbp.Layer("sum", init, forward, backward, layers=(a, b))
+
+
+def _walked_sum(a, b):
+    """The same composite written as a walk."""
+    box = _black_box_sum(a, b)
+
+    def walk(params, cache, dy, visit):
+        ra, dxa = visit(a, params[0], cache[0], dy)
+        rb, dxb = visit(b, params[1], cache[1], dy)
+        return (ra, rb), dxa + dxb
+
+    return jbp.Layer("walked_sum", box.init, box.forward, layers=(a, b), walk=walk,
+                     per_example=jbp.EXAMPLEWISE)
+
+
+def _data(n_in=4, batch=6, classes=3, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(batch, n_in)), dtype),
+            jnp.asarray(rng.integers(0, classes, batch), jnp.int32))
+
+
+@pytest.mark.parametrize("make", [_black_box_sum, _walked_sum], ids=["black-box", "walk"])
+def test_a_composite_runs_its_own_backward(make):
+    """Before: any layer with children was run as a serial chain (relative error 2.3)."""
+    block = make(jbp.dense(3), jbp.serial(jbp.dense(3), jbp.tanh()))
+    model = jbp.serial(block, jbp.relu(), jbp.dense(3))
+    _, params = model.init(jax.random.key(0), (4,))
+    x, y = _data()
+    for top in (model, block):  # the composite inside a serial and as the model itself
+        p = params if top is model else params[0]
+        loss = CE if top is model else MSE
+        target = y if top is model else jnp.ones((6, 3))
+        value, grads, deltas = jbp.backprop(top, loss, p, x, target)
+        auto_value, auto = jbp.autodiff_value_and_grad(top, loss)(p, x, target)
+        assert value == auto_value and rel_err(grads, auto) <= 1e-5
+    _, _, deltas = jbp.backprop(model, CE, params, x, y)
+    assert [d.shape for d in deltas] == [(6, 3), (6, 3), (6, 3)]
+
+
+def test_walked_composite_takes_part_in_per_example_functions():
+    block = _walked_sum(jbp.dense(3), jbp.serial(jbp.dense(3), jbp.tanh()))
+    assert jbp.check_layer(block, (4,)).ok
+    with pytest.raises(ValueError, match=r"per_example_grads: layer sum: this layer declares no "
+                                         r"per-example behaviour"):
+        x, y = _data()
+        model = jbp.serial(_black_box_sum(jbp.dense(3), jbp.dense(3)), jbp.dense(3))
+        jbp.per_example_grads(model, CE)(model.init(jax.random.key(0), (4,))[1], x, y)
+
+
+def test_gradients_have_the_params_dtype():
+    """float32 params with float64 inputs, bfloat16 params with float32 inputs: the grads come
+    back in the params' dtype (as jax.grad gives them) and equal jax.grad's."""
+    model = jbp.mlp([4, 8, 3], "tanh")
+    with jax.enable_x64(True):
+        _, params = model.init(jax.random.key(0), (4,))
+        x, y = _data(dtype=jnp.float64)
+        for p, tol in ((params, 1e-6), (jbp_cast(params, jnp.bfloat16), 2e-2)):
+            x_in = x if p is params else x.astype(jnp.float32)
+            manual = jax.jit(jbp.manual_value_and_grad(model, CE))(p, x_in, y)[1]
+            auto = jax.jit(jbp.autodiff_value_and_grad(model, CE))(p, x_in, y)[1]
+            assert jax.tree_util.tree_map(lambda g: g.dtype, manual) == jax.tree_util.tree_map(
+                lambda g: g.dtype, p)
+            assert rel_err(manual, auto) <= tol
+
+
+def jbp_cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def test_fit_manual_on_float64_numpy_data():
+    """Before: the float64 manual grads broke lax.scan's carry; now both gradients train alike."""
+    model = jbp.mlp([4, 8, 3], "tanh")
+    _, params = model.init(jax.random.key(0), (4,))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)), rng.integers(0, 3, 64)
+    with jax.enable_x64(True):
+        runs = [jbp.fit(model, CE, params, (x, y), key=jax.random.key(1), epochs=2,
+                        batch_size=16, grad=g, progress=False)[0] for g in ("manual", "autodiff")]
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(runs[0]))
+    assert rel_err(runs[0], runs[1]) <= 1e-5
+
+
+def test_custom_vjp_takes_integer_images():
+    """Raw uint8 pixels: the bridge's cotangent for an integer input is float0."""
+    model = jbp.serial(jbp.flatten(), jbp.dense(3))
+    _, params = model.init(jax.random.key(0), (2, 2))
+    pixels = jnp.asarray(np.random.default_rng(0).integers(0, 256, (5, 2, 2)), jnp.uint8)
+    apply = jbp.as_custom_vjp(model)
+    grads = jax.grad(lambda p: jnp.sum(apply(p, pixels) ** 2))(params)
+    want = jax.grad(lambda p: jnp.sum(model.apply(p, pixels) ** 2))(params)
+    assert rel_err(grads, want) <= 1e-6
+
+
+def test_leading_axes_and_single_examples():
+    """dense on (B, T, in) sums its gradients over B and T; a single example (no batch axis)
+    works, so jax.vmap over examples equals the batched call."""
+    model = jbp.serial(jbp.dense(5), jbp.gelu(), jbp.dense(2))
+    _, params = model.init(jax.random.key(0), (4,))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 7, 4)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(3, 7, 2)), jnp.float32)
+    manual = jbp.manual_value_and_grad(model, MSE)(params, x, target)
+    auto = jbp.autodiff_value_and_grad(model, MSE)(params, x, target)
+    assert rel_err(manual, auto) <= 1e-5
+    per_example = jbp.per_example_grads(model, MSE)(params, x, target)
+    want = jax.vmap(jax.grad(lambda p, xi, ti: MSE.value(model.apply(p, xi[None]), ti[None])),
+                    in_axes=(None, 0, 0))(params, x, target)
+    assert rel_err(per_example, want) <= 1e-5
+    np.testing.assert_allclose(jax.vmap(lambda xi: model.apply(params, xi))(x[:, 0]),
+                               model.apply(params, x[:, 0]), rtol=1e-6)
+
+
+def test_unknown_keywords_are_rejected():
+    """Before: training=True (a typo for train) silently ran in evaluation mode."""
+    model = jbp.serial(jbp.dense(3), jbp.dropout(0.5))
+    _, params = model.init(jax.random.key(0), (4,))
+    x, y = _data(classes=3)
+    calls = [lambda: model.apply(params, x, key=jax.random.key(1), training=True),
+             lambda: model.forward(params, x, training=True),
+             lambda: jbp.manual_value_and_grad(model, CE)(params, x, y, training=True),
+             lambda: jbp.autodiff_value_and_grad(model, CE)(params, x, y, training=True),
+             lambda: jbp.per_example_grads(model, CE)(params, x, y, training=True)]
+    for call in calls:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'training'"):
+            call()
+
+
+def test_errors_inside_serial_keep_their_type_and_gain_a_note():
+    class Oops(Exception):
+        pass
+
+    def forward(params, x, *, key=None, train=False):
+        raise Oops("from inside")
+
+    broken = jbp.Layer("broken", lambda k, s: (s, {}), forward, lambda p, c, dy: ({}, dy))
+    model = jbp.serial(jbp.dense(3), jbp.serial(jbp.relu(), broken))
+    _, params = model.init(jax.random.key(0), (4,))
+    with pytest.raises(Oops) as err:
+        model.apply(params, jnp.ones((2, 4)))
+    assert err.value.__notes__ == [
+        "in the forward of layer 1 (broken) of serial(relu, broken)",
+        "in the forward of layer 1 (serial(relu, broken)) of serial(dense(3), serial(relu, broken))"]
+    # a traced train= under jit: JAX's own question is answered, not turned into another error
+    dropout = jbp.serial(jbp.dense(3), jbp.dropout(0.5))
+    _, params = dropout.init(jax.random.key(0), (4,))
+    with pytest.raises(TypeError, match=r"train must be a Python bool.*static_argnames='train'"
+                                        r"[\s\S]*in the forward of layer 1 \(dropout\(0.5\)\)"):
+        jax.jit(lambda p, t: dropout.apply(p, jnp.ones((2, 4)), key=jax.random.key(0), train=t))(
+            params, True)
+
+
+def test_models_are_values():
+    a, b = jbp.mlp([4, 8, 3]), jbp.mlp([4, 8, 3])
+    assert a == b and hash(a) == hash(b) and a != jbp.mlp([4, 8, 3], "tanh")
+    assert repr(jbp.mlp([4, 8, 3], "tanh")) == "mlp([4, 8, 3], activation='tanh')"
+    assert repr(jbp.serial(jbp.dense(3, gain=2.0), jbp.dropout(0.2))) == \
+        "serial(dense(3, gain=2.0), dropout(0.2))"
+    _, params = a.init(jax.random.key(0), (4,))
+    traces = []
+
+    def apply(model, params, x):
+        traces.append(1)
+        return model.apply(params, x)
+
+    as_static = jax.jit(apply, static_argnums=0)
+    as_argument = jax.jit(apply)  # a Layer is a pytree without leaves
+    x = jnp.ones((2, 4))
+    for f in (as_static, as_argument):
+        np.testing.assert_array_equal(f(a, params, x), f(b, params, x))
+    assert len(traces) == 2  # one compile each: the equal model b reused a's
+    optimizer = jbp.train.make_optimizer("adam")
+    assert jbp.train.compiled(a, CE, "manual", optimizer) is jbp.train.compiled(b, CE, "manual",
+                                                                                optimizer)
+
+
+def test_mlp_initialisation_follows_the_activation():
+    """He normal (std √2/√in) for ReLU, LeCun (1/√in) for tanh; the output layer LeCun."""
+    for activation, gain in (("relu", np.sqrt(2)), ("tanh", 1.0), ("gelu", np.sqrt(2))):
+        _, params = jbp.mlp([400, 300, 200], activation).init(jax.random.key(0), (400,))
+        assert abs(np.std(params[0]["W"]) * np.sqrt(400) / gain - 1) < 0.02, activation
+        assert abs(np.std(params[2]["W"]) * np.sqrt(300) - 1) < 0.03, activation
+
+
+def _scale(per_example=None, forget_sum=False):
+    def backward(params, x, dy):
+        ds = x * dy if forget_sum else jnp.sum(x * dy, axis=0)
+        return {"s": ds}, dy * params["s"]
+
+    return jbp.Layer("scale", lambda k, s: (s, {"s": jnp.ones(s)}),
+                     lambda p, x, *, key=None, train=False: (x * p["s"], x), backward,
+                     per_example=per_example)
+
+
+def test_check_layer_finds_what_is_wrong():
+    good = _scale(jbp.PerExampleRule(lambda x, d: {"s": x * d}))
+    assert jbp.check_layer(good, (3,)).ok
+    forgot = jbp.check_layer(_scale(forget_sum=True), (3,))
+    assert not forgot.ok and "a backward must sum over the batch" in str(forgot)
+    wrong_rule = jbp.check_layer(_scale(jbp.PerExampleRule(lambda x, d: {"s": 2 * x * d})), (3,))
+    assert [c.name for c in wrong_rule.failures] == ["float64 random: per-example declaration",
+                                                     "float32 random: per-example declaration"]
+    double = jbp.Layer("double", lambda k, s: (s, {}),
+                       lambda p, x, *, key=None, train=False: (x, None),
+                       lambda p, c, dy: ({}, 2 * dy))
+    assert len(jbp.check_layer(double, (3,)).failures) == 8  # every case, both dtypes
+    # and the gradient functions refuse the forgotten sum, naming the layer
+    model = jbp.serial(jbp.dense(3), _scale(forget_sum=True), jbp.dense(2))
+    _, params = model.init(jax.random.key(0), (4,))
+    x, y = _data(classes=2)
+    with pytest.raises(ValueError, match=r"scale: backward: dparams\['s'\] has shape \(6, 3\), "
+                                         r"expected \(3,\); a backward must sum over the batch"):
+        jbp.manual_value_and_grad(model, CE)(params, x, y)
+
+
+def test_user_layer_per_example_rule_and_curvature_errors():
+    scale = _scale(jbp.PerExampleRule(lambda x, d: {"s": x * d}))
+    model = jbp.serial(jbp.dense(3), scale, jbp.tanh(), jbp.dense(2))
+    _, params = model.init(jax.random.key(0), (4,))
+    x, y = _data(classes=2)
+    got = jbp.per_example_grads(model, CE)(params, x, y)
+    want = jax.vmap(jax.grad(lambda p, xi, yi: CE.value(model.apply(p, xi[None]), yi[None])),
+                    in_axes=(None, 0, 0))(params, x, y)
+    assert rel_err(got, want) <= 1e-5
+    undeclared = jbp.serial(jbp.dense(3), _scale(), jbp.dense(2))
+    with pytest.raises(ValueError, match=r"^ggn_diagonal: layer scale: .*ggn_diagonal needs every "
+                                         r"layer to declare Layer.per_example"):
+        jbp.ggn_diagonal(undeclared, CE)(undeclared.init(jax.random.key(0), (4,))[1], x, y)
