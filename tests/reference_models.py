@@ -118,3 +118,37 @@ def flat_norms(per_example):
     """(B,) L2 norms over all leaves of a per-example pytree."""
     leaves = jax.tree_util.tree_leaves(per_example)
     return jnp.sqrt(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves))
+
+
+def black_box_sum(a, b):
+    """y = a(x) + b(x) with its own (correct) backward and no walk: a black box."""
+
+    def init(key, in_shape):
+        ka, kb = jax.random.split(key)
+        shape, pa = a.init(ka, in_shape)
+        return shape, (pa, b.init(kb, in_shape)[1])
+
+    def forward(params, x, *, key=None, train=False):
+        ya, ca = a.forward(params[0], x)
+        yb, cb = b.forward(params[1], x)
+        return ya + yb, (ca, cb)
+
+    def backward(params, cache, dy):
+        ga, dxa = a.backward(params[0], cache[0], dy)
+        gb, dxb = b.backward(params[1], cache[1], dy)
+        return (ga, gb), dxa + dxb
+
+    return jbp.Layer("sum", init, forward, backward, layers=(a, b))
+
+
+def walked_sum(a, b):
+    """The same composite written as a walk."""
+    box = black_box_sum(a, b)
+
+    def walk(params, cache, dy, visit):
+        ra, dxa = visit(a, params[0], cache[0], dy)
+        rb, dxb = visit(b, params[1], cache[1], dy)
+        return (ra, rb), dxa + dxb
+
+    return jbp.Layer("walked_sum", box.init, box.forward, layers=(a, b), walk=walk,
+                     per_example=jbp.EXAMPLEWISE)

@@ -9,43 +9,10 @@ import pytest
 
 import jbp
 from conftest import rel_err
+from reference_models import black_box_sum, walked_sum
 
 L = jbp.losses
 CE, MSE = L.softmax_cross_entropy, L.mean_squared_error
-
-
-def _black_box_sum(a, b):
-    """y = a(x) + b(x) with its own (correct) backward and no walk: a black box."""
-
-    def init(key, in_shape):
-        ka, kb = jax.random.split(key)
-        shape, pa = a.init(ka, in_shape)
-        return shape, (pa, b.init(kb, in_shape)[1])
-
-    def forward(params, x, *, key=None, train=False):
-        ya, ca = a.forward(params[0], x)
-        yb, cb = b.forward(params[1], x)
-        return ya + yb, (ca, cb)
-
-    def backward(params, cache, dy):
-        ga, dxa = a.backward(params[0], cache[0], dy)
-        gb, dxb = b.backward(params[1], cache[1], dy)
-        return (ga, gb), dxa + dxb
-
-    return jbp.Layer("sum", init, forward, backward, layers=(a, b))
-
-
-def _walked_sum(a, b):
-    """The same composite written as a walk."""
-    box = _black_box_sum(a, b)
-
-    def walk(params, cache, dy, visit):
-        ra, dxa = visit(a, params[0], cache[0], dy)
-        rb, dxb = visit(b, params[1], cache[1], dy)
-        return (ra, rb), dxa + dxb
-
-    return jbp.Layer("walked_sum", box.init, box.forward, layers=(a, b), walk=walk,
-                     per_example=jbp.EXAMPLEWISE)
 
 
 def _data(n_in=4, batch=6, classes=3, seed=0, dtype=jnp.float32):
@@ -54,7 +21,7 @@ def _data(n_in=4, batch=6, classes=3, seed=0, dtype=jnp.float32):
             jnp.asarray(rng.integers(0, classes, batch), jnp.int32))
 
 
-@pytest.mark.parametrize("make", [_black_box_sum, _walked_sum], ids=["black-box", "walk"])
+@pytest.mark.parametrize("make", [black_box_sum, walked_sum], ids=["black-box", "walk"])
 def test_a_composite_runs_its_own_backward(make):
     """Before: any layer with children was run as a serial chain (relative error 2.3)."""
     block = make(jbp.dense(3), jbp.serial(jbp.dense(3), jbp.tanh()))
@@ -73,12 +40,12 @@ def test_a_composite_runs_its_own_backward(make):
 
 
 def test_walked_composite_takes_part_in_per_example_functions():
-    block = _walked_sum(jbp.dense(3), jbp.serial(jbp.dense(3), jbp.tanh()))
+    block = walked_sum(jbp.dense(3), jbp.serial(jbp.dense(3), jbp.tanh()))
     assert jbp.check_layer(block, (4,)).ok
     with pytest.raises(ValueError, match=r"per_example_grads: layer sum: this layer declares no "
                                          r"per-example behaviour"):
         x, y = _data()
-        model = jbp.serial(_black_box_sum(jbp.dense(3), jbp.dense(3)), jbp.dense(3))
+        model = jbp.serial(black_box_sum(jbp.dense(3), jbp.dense(3)), jbp.dense(3))
         jbp.per_example_grads(model, CE)(model.init(jax.random.key(0), (4,))[1], x, y)
 
 

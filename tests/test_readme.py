@@ -118,4 +118,5 @@ def test_readme_quotes_real_error_message():
     _, params = model.init(jax.random.key(0), (40,))
     with pytest.raises(ValueError) as err:
         model.apply(params, jnp.ones((32, 39)))
-    assert " ".join(str(err.value).split()) in " ".join(README.split())
+    for text in (str(err.value), *err.value.__notes__):
+        assert " ".join(text.split()) in " ".join(README.split())
