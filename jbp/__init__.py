@@ -16,24 +16,25 @@ forward is also differentiated by ``jax.grad``. Both gradients share one signatu
 True
 """
 
-from jbp import activations, checkpoint, data, losses
-from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
+from jbp import checkpoint, data, losses
+from jbp.layers import activations
+from jbp.layers.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
 from jbp.bridge import as_custom_vjp
 from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
-from jbp.dense import dense
-from jbp.dropout import dropout
-from jbp.flatten import flatten
+from jbp.layers.dense import dense
+from jbp.layers.dropout import dropout
+from jbp.layers.flatten import flatten
 from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
-from jbp.maxout import maxout
+from jbp.layers.maxout import maxout
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
-from jbp.serial import mlp, serial
+from jbp.layers.serial import mlp, serial
 from jbp.train import fit
 
 __version__ = "0.1.0"

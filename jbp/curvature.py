@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jbp import losses
-from jbp.activations import logistic
+from jbp.layers.activations import logistic
 from jbp.grads import manual_value_and_grad
 from jbp.layer import Layer
 from jbp.per_example import _check, like_params, trace

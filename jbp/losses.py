@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.activations import logistic
+from jbp.layers.activations import logistic
 
 IGNORE_LABEL = -100
 """The integer label that marks padding (an example or position that does not count)."""

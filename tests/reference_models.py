@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jbp
-from jbp.activations import ACTIVATIONS
+from jbp.layers.activations import ACTIVATIONS
 from conftest import rel_err  # noqa: F401  (re-exported for the tests that import from here)
 
 L = jbp.losses

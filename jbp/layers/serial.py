@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jbp import activations
-from jbp.dense import dense
+from jbp.layers import activations
+from jbp.layers.dense import dense
 from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
 
 
