@@ -25,6 +25,7 @@ from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
+from jbp.layers.branches import parallel, residual
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
 from jbp.layers.flatten import flatten
@@ -44,7 +45,8 @@ __all__ = [
     "activations", "checkpoint", "data", "losses",
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
-    "dense", "dropout", "flatten", "maxout", "serial", "mlp", "elementwise",
+    "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
+    "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
     "Loss", "IGNORE_LABEL", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",

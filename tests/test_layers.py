@@ -23,6 +23,12 @@ LAYERS = [
                                   jbp.maxout(2), jbp.dense(2)), (2, 3)),
     ("nested_serial", lambda: jbp.serial(jbp.serial(jbp.dense(4), jbp.gelu()),
                                          jbp.serial(jbp.dense(3))), (5,)),
+    ("residual", lambda: jbp.residual(jbp.serial(jbp.dense(4), jbp.tanh(), jbp.dense(5))), (5,)),
+    ("parallel_sum", lambda: jbp.parallel(jbp.dense(3), jbp.serial(jbp.dense(4), jbp.relu(),
+                                                                   jbp.dense(3))), (5,)),
+    ("parallel_concat_nested", lambda: jbp.parallel(
+        jbp.dense(2), jbp.residual(jbp.dense(5)), jbp.serial(jbp.dense(3), jbp.silu()),
+        combine="concat"), (2, 5)),
 ]
 
 
