@@ -142,3 +142,15 @@ def test_help_and_a_missing_backend(name, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--platform tpu: no such backend here; available: "):
         script.main(["--quick", "--platform", "tpu", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_mnist1d_models_quick(tmp_path, env):
+    """Logistic, MLP and CNN rows, each trained with both gradients from the same init."""
+    results, stdout = run_quick("mnist1d_models.py", tmp_path, env)
+    assert set(results["summary"]) == {"logistic", "mlp", "cnn"}
+    for name, by_grad in results["runs"].items():
+        manual, auto = by_grad["manual"][0], by_grad["autodiff"][0]
+        assert manual["history"]["loss"][0] == pytest.approx(auto["history"]["loss"][0], rel=1e-6)
+        assert manual["test_accuracy"] == pytest.approx(auto["test_accuracy"], abs=0.02), name
+    assert "paper" in stdout and "cnn" in stdout
+    assert_png(tmp_path / "accuracy.png")
