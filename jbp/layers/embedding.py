@@ -128,7 +128,7 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
         check_params(params)
         check_array(ids, who)
         check_ids(ids)
-        E = params["E"]
+        E = jnp.asarray(params["E"])
         y = E.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
         return y, ids
 
