@@ -15,11 +15,15 @@ from conftest import cast, rel_err, rtol
 CE = jbp.losses.softmax_cross_entropy
 
 
-@pytest.mark.parametrize("in_shape", [(5,), (), (2, 3)], ids=["(B,T)", "(B,)", "(B,S,T)"])
-def test_check_layer(in_shape):
+@pytest.mark.parametrize("layer,in_shape", [
+    (jbp.embedding(10, 4), (5,)),
+    (jbp.embedding(10, 4), ()),
+    (jbp.serial(jbp.embedding(10, 4), jbp.layer_norm(), jbp.dense(3)), (2, 3)),
+], ids=["(B,T)", "(B,)", "serial-(B,S,T)"])
+def test_check_layer(layer, in_shape):
     """Random ids (with repeats), all ids 0, all ids vocab − 1, a batch of one; float64 and
     float32; examples kept apart; per-example gradients, norms and sums of squares."""
-    report = jbp.check_layer(jbp.embedding(10, 4), in_shape, int_range=(0, 10))
+    report = jbp.check_layer(layer, in_shape, int_range=(0, 10))
     assert report.ok, str(report)
     assert len(report.checks) == 10 and "leaves of dparams" in str(report)
 
@@ -49,9 +53,12 @@ def _model(dtype):
                       jbp.dense(3, dtype=dtype))
 
 
-def test_model_manual_equals_autodiff_finite_differences_and_vmap_grad(dtype):
-    """embedding → layer_norm → dense → tanh → flatten (over T) → dense: every gradient
-    function, with the embedding first (its float0 dx is where the backward pass ends)."""
+def test_model_through_every_gradient_function(dtype):
+    """embedding → layer_norm → dense → tanh → flatten (over T) → dense, the embedding first
+    (its float0 dx is where the backward pass ends). Both dtypes: backprop == jax.grad ==
+    jax.grad through as_custom_vjp. float64 also: == central differences; per-example
+    gradients and norms == vmap(grad); hvp == jvp of grad; ggn_diagonal == diag(Jᵀ H J);
+    per-example variance and DP-SGD's clipped mean from vmap(grad); check_grads, order 2."""
     model = _model(dtype)
     _, params = model.init(jax.random.key(0), (4,))
     rng = np.random.default_rng(0)
@@ -60,74 +67,60 @@ def test_model_manual_equals_autodiff_finite_differences_and_vmap_grad(dtype):
     ids = jnp.asarray(rng.integers(0, 7, (6, 4)), jnp.int32)
     ids = ids.at[0].set(jnp.array([2, 2, 5, 2], jnp.int32))  # repeats inside one example
     y = jnp.array([0, 1, 2, 1, 0, 2])
+    v = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), dtype), params)
     apply = jbp.as_custom_vjp(model)
+    flat, unravel = ravel_pytree(params)
 
-    def one(p, ids_i, y_i):
-        return CE.value(model.apply(p, ids_i[None]), y_i[None])
+    def cost(p):
+        return CE.value(model.apply(p, ids), y)
 
     @jax.jit
-    def run(params):
-        ref = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, ids, y)
-        out = (jbp.backprop(model, CE, params, ids, y),
-               jbp.autodiff_value_and_grad(model, CE)(params, ids, y),
-               jax.grad(lambda p: CE.value(apply(p, ids), y))(params),
-               jbp.per_example_grads(model, CE)(params, ids, y),
-               jbp.per_example_grad_norms(model, CE)(params, ids, y), ref)
-        if dtype == jnp.float64:
-            out += (jbp.numerical_value_and_grad(model, CE)(params, ids, y)[1],)
-        return out
+    def run(params, v):
+        grads = {"backprop": jbp.backprop(model, CE, params, ids, y),
+                 "auto": jbp.autodiff_value_and_grad(model, CE)(params, ids, y),
+                 "bridge": jax.grad(lambda p: CE.value(apply(p, ids), y))(params)}
+        if dtype != jnp.float64:
+            return grads, {}
+        ref = jax.vmap(jax.grad(lambda p, i, t: CE.value(model.apply(p, i[None]), t[None])),
+                       in_axes=(None, 0, 0))(params, ids, y)
+        out = model.apply(params, ids)
+        jac = jax.jacrev(lambda f: model.apply(unravel(f), ids))(flat).reshape(out.size, -1)
+        hess = jax.hessian(lambda o: CE.value(o, y))(out).reshape(out.size, out.size)
+        pairs = {  # name: (jbp, reference)
+            "finite differences": (grads["backprop"][1],
+                                   jbp.numerical_value_and_grad(model, CE)(params, ids, y)[1]),
+            "per_example_grads": (jbp.per_example_grads(model, CE)(params, ids, y), ref),
+            "per_example_grad_norms": (jbp.per_example_grad_norms(model, CE)(params, ids, y),
+                                       _norms(ref)),
+            "hvp": (jbp.hvp(model, CE)(params, ids, y, v),
+                    jax.jvp(jax.grad(cost), (params,), (v,))[1]),
+            "ggn_diagonal": (jbp.ggn_diagonal(model, CE)(params, ids, y),
+                             unravel(jnp.einsum("ap,ab,bp->p", jac, hess, jac))),
+            "per_example_grad_variance": (jbp.per_example_grad_variance(model, CE)(params, ids, y)[1],
+                                          jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)),
+            "clipped_grad_mean": (jbp.clipped_grad_mean(model, CE, 0.1)(params, ids, y)[0],
+                                  _clipped(ref, 0.1))}
+        return grads, pairs
 
-    (value, grads, deltas), (auto_value, auto), bridged, per_example, norms, ref, *fd = run(params)
+    grads, pairs = run(params, v)
+    (value, manual, deltas), (auto_value, auto) = grads["backprop"], grads["auto"]
     assert abs(value - auto_value) <= rtol(dtype) * abs(value)
-    assert rel_err(grads, auto) <= rtol(dtype) and rel_err(bridged, auto) <= rtol(dtype)
+    assert rel_err(manual, auto) <= rtol(dtype) and rel_err(grads["bridge"], auto) <= rtol(dtype)
     assert [d.shape for d in deltas] == [(6, 4, 6), (6, 4, 6), (6, 4, 5), (6, 4, 5), (6, 20),
                                          (6, 3)]
-    assert rel_err(per_example, ref) <= 10 * rtol(dtype)
-    ref_norms = jnp.sqrt(sum(jnp.sum(g.reshape(6, -1) ** 2, axis=1)
-                             for g in jax.tree_util.tree_leaves(ref)))
-    assert norms.dtype == dtype and rel_err(norms, ref_norms) <= 10 * rtol(dtype)
-    if fd:
-        assert rel_err(grads, fd[0]) <= 1e-6
-        # the bridge from outside: reverse mode, first and second order
+    for name, (got, want) in pairs.items():
+        assert rel_err(got, want) <= (1e-6 if name == "finite differences" else 1e-10), name
+    if dtype == jnp.float64:  # the bridge from outside: reverse mode, first and second order
         check_grads(jax.jit(lambda p: apply(p, ids)), (params,), order=2, modes=["rev"])
 
 
-def test_beyond_the_gradient_float64():
-    """hvp, ggn_diagonal, per-example variance and DP-SGD's clipped mean of the same model
-    against JAX's own (jvp of grad, Jᵀ H J from jacrev and hessian, vmap of grad)."""
-    with jax.enable_x64(True):
-        model = _model(jnp.float64)
-        _, params = model.init(jax.random.key(1), (4,))
-        rng = np.random.default_rng(1)
-        ids, y = jnp.asarray(rng.integers(0, 7, (5, 4)), jnp.int32), jnp.array([0, 1, 2, 1, 0])
-        v = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-        flat, unravel = ravel_pytree(params)
-
-        @jax.jit
-        def run(params, v):
-            cost = lambda p: CE.value(model.apply(p, ids), y)  # noqa: E731
-            out = model.apply(params, ids)
-            jac = jax.jacrev(lambda f: model.apply(unravel(f), ids))(flat).reshape(out.size, -1)
-            hess = jax.hessian(lambda o: CE.value(o, y))(out).reshape(out.size, out.size)
-            ref = jax.vmap(jax.grad(lambda p, i, t: CE.value(model.apply(p, i[None]), t[None])),
-                           in_axes=(None, 0, 0))(params, ids, y)
-            return ((jbp.hvp(model, CE)(params, ids, y, v),
-                     jax.jvp(jax.grad(cost), (params,), (v,))[1]),
-                    (jbp.ggn_diagonal(model, CE)(params, ids, y),
-                     unravel(jnp.einsum("ap,ab,bp->p", jac, hess, jac))),
-                    (jbp.per_example_grad_variance(model, CE)(params, ids, y)[1],
-                     jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)),
-                    (jbp.clipped_grad_mean(model, CE, 0.1)(params, ids, y)[0],
-                     _clipped(ref, 0.1)))
-
-        for got, want in run(params, v):
-            assert rel_err(got, want) <= 1e-10
+def _norms(per_example):
+    return jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+                        for g in jax.tree_util.tree_leaves(per_example)))
 
 
 def _clipped(per_example, clip):
-    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
-                         for g in jax.tree_util.tree_leaves(per_example)))
-    factor = 1.0 / jnp.maximum(1.0, norms / clip)
+    factor = 1.0 / jnp.maximum(1.0, _norms(per_example) / clip)
     return jax.tree_util.tree_map(
         lambda g: jnp.mean(g * factor.reshape((-1,) + (1,) * (g.ndim - 1)), 0), per_example)
 
