@@ -133,6 +133,8 @@ def test_out_of_range_ids_raise_where_concrete():
         layer.apply(params, jnp.array([[0, 1, 2], [3, 4, 10]]))
     with pytest.raises(ValueError, match=r"found -1 at index \(0, 0\) \(2 id\(s\)"):
         layer.apply(params, np.array([[-1, 1, 2], [3, 4, 12]]))
+    with pytest.raises(ValueError, match=r"found 10 at index \(\) \(1 id\(s\)"):
+        layer.apply(params, jnp.array(10))  # a single id
     model = jbp.serial(layer, jbp.flatten(), jbp.dense(2))
     _, params = model.init(jax.random.key(0), (3,))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)") as err:
@@ -206,9 +208,10 @@ def test_bad_input_is_refused_naming_the_layer():
         layer.apply(params, jnp.ones((2, 3)))
     with pytest.raises(TypeError, match=r"expected integer token ids, got an input of dtype bool"):
         layer.apply(params, jnp.ones((2, 3), bool))
-    with pytest.raises(ValueError, match=r"embedding\(10, 4\): expected ids of shape \(batch, "
-                                         r"\.\.\.\), got a scalar"):
-        layer.apply(params, jnp.array(3))
+    np.testing.assert_array_equal(layer.apply(params, jnp.array(3)), params["E"][3])  # one id
+    ids = jnp.array([[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(jax.vmap(lambda i: layer.apply(params, i))(ids),
+                                  layer.apply(params, ids))
     with pytest.raises(ValueError, match=r"embedding\(10, 4\): expected E of shape \(10, 4\), "
                                          r"got \(4, 10\)"):
         layer.apply({"E": jnp.ones((4, 10))}, jnp.ones((2, 3), int))

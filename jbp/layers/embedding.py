@@ -9,7 +9,8 @@ deltas. The ids themselves are integers: they have no gradient (``jax.vjp`` give
 embedding is where the backward pass ends.
 
 Shapes: ``ids (B, ...)`` of any integer dtype (``(B,)`` one token per example, ``(B, T)``
-a sequence, ...) -> ``y (B, ..., dim)`` in the table's dtype. Params ``{"E": (vocab_size,
+a sequence, ...) -> ``y (B, ..., dim)`` in the table's dtype; any shape works, a single id
+included (so ``jax.vmap`` over examples works, as for dense). Params ``{"E": (vocab_size,
 dim)}``, drawn from N(0, 1). Cache: the ids. ``dx``: ``float0`` zeros of the ids' shape.
 
 Ids outside ``[0, vocab_size)``: where the ids are concrete (not traced), the forward raises
@@ -112,17 +113,15 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
             raise TypeError(f"{who}: expected integer token ids, got an input of dtype "
                             f"{ids.dtype} and shape {tuple(ids.shape)} (cast with "
                             f".astype(jnp.int32) if the values are ids)")
-        if ids.ndim < 1:
-            raise ValueError(f"{who}: expected ids of shape (batch, ...), got a scalar")
         if isinstance(ids, jax.core.Tracer) or ids.size == 0:
             return  # under jit: bad ids give NaN rows (see the module docstring)
         concrete = np.asarray(ids)
-        bad = np.argwhere((concrete < 0) | (concrete >= vocab_size))
-        if bad.size:
-            where = tuple(int(i) for i in bad[0])
+        bad = (concrete < 0) | (concrete >= vocab_size)
+        if bad.any():
+            where = tuple(int(i) for i in np.unravel_index(np.argmax(bad), bad.shape))
             raise ValueError(f"{who}: token ids must lie in [0, {vocab_size}); found "
-                             f"{int(concrete[where])} at index {where} ({len(bad)} id(s) out "
-                             f"of range)")
+                             f"{int(concrete[where])} at index {where} ({int(bad.sum())} id(s) "
+                             f"out of range)")
 
     def forward(params, ids, *, key=None, train=False):
         check_params(params)
