@@ -21,10 +21,11 @@ mistake surfaces; the backward drops the deltas of bad ids, as ``jax.grad`` of t
 forward does. (Plain ``E[ids]`` would silently clamp a too-large id to the last row and
 wrap a negative one.)
 
-Per example: ∂ℓ_i/∂E is the scatter of example i's deltas alone, a ``(vocab_size, dim)``
-array per example (the layer's PerExampleRule, ``_rule``; fine for small vocabularies). Its squared norm needs no
-such array: ‖Σ_t e_{id_t} δ_tᵀ‖² = Σ_{t,s} [id_t = id_s] δ_t·δ_s, pairs of positions of
-example i with the same id; the sum of squares over the batch is built the same way.
+Per example (the rule built by ``_rule``): ∂ℓ_i/∂E is the scatter of example i's deltas
+alone, a ``(vocab_size, dim)`` array per example (fine for small vocabularies). Its squared
+norm needs no such array: ‖Σ_t e_{id_t} δ_tᵀ‖² = Σ_{t,s} [id_t = id_s] δ_t·δ_s, pairs of
+positions of example i with the same id; the sum of squares over the batch is built the
+same way.
 """
 
 import jax
