@@ -96,8 +96,9 @@ def test_model_through_every_gradient_function(dtype):
                     jax.jvp(jax.grad(cost), (params,), (v,))[1]),
             "ggn_diagonal": (jbp.ggn_diagonal(model, CE)(params, ids, y),
                              unravel(jnp.einsum("ap,ab,bp->p", jac, hess, jac))),
-            "per_example_grad_variance": (jbp.per_example_grad_variance(model, CE)(params, ids, y)[1],
-                                          jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)),
+            "per_example_grad_variance": (
+                jbp.per_example_grad_variance(model, CE)(params, ids, y)[1],
+                jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)),
             "clipped_grad_mean": (jbp.clipped_grad_mean(model, CE, 0.1)(params, ids, y)[0],
                                   _clipped(ref, 0.1))}
         return grads, pairs
