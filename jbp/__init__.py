@@ -28,11 +28,13 @@ from jbp.curvature import ggn_diagonal, hvp
 from jbp.layers.branches import parallel, residual
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
+from jbp.layers.embedding import embedding
 from jbp.layers.flatten import flatten
 from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
+from jbp.layers.norm import layer_norm
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
@@ -46,6 +48,7 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
+    "layer_norm", "embedding",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them

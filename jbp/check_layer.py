@@ -15,6 +15,13 @@ in float64 and in float32:
   gradients of its :class:`PerExampleRule` (or of its children's, for a composite), their
   squared norms and sums of squares equal ``jax.vjp`` with the cotangent of example i alone.
 
+Integer inputs (token ids for an embedding): ``int_range=(low, high)`` draws the inputs as
+int32, uniform in ``[low, high)``; the "zeros" case is then every entry ``low`` and the
+"large" case every entry ``high − 1`` (repeated ids). An integer input has no gradient
+(``jax.vjp`` gives ``float0`` zeros), so only the parameter gradients are compared, ``dx``
+must just have the input's shape, and "examples kept apart" is checked on the forward
+instead: row i of ``y`` is unchanged when every other row of the input is redrawn.
+
 Every check is run and reported (a failing one does not hide the others); nothing raises
 for a wrong layer, so the report can be printed.
 
@@ -90,7 +97,8 @@ def _cast(tree, dtype):
 
 
 def check_layer(layer: Layer, in_shape, *, batch: int = 4, seed: int = 0, key=None,
-                train: bool = False, dtypes=("float64", "float32")) -> LayerReport:
+                train: bool = False, dtypes=("float64", "float32"),
+                int_range: tuple[int, int] | None = None) -> LayerReport:
     """Check ``layer`` against the protocol and against ``jax.vjp`` of its own forward.
 
     Args:
@@ -99,22 +107,45 @@ def check_layer(layer: Layer, in_shape, *, batch: int = 4, seed: int = 0, key=No
       batch: examples per input batch (a batch of one is checked too).
       seed: seeds the params (``init``), the inputs and the cotangents.
       key, train: passed to ``forward``/``apply`` (e.g. ``train=True`` with a key for dropout).
-      dtypes: the float types to check in; float64 runs with ``jax_enable_x64`` on.
+      dtypes: the float types to check in (of the params, and of the inputs unless
+        ``int_range`` is given); float64 runs with ``jax_enable_x64`` on.
+      int_range: ``(low, high)`` for integer inputs (int32, uniform in ``[low, high)``), e.g.
+        ``(0, vocab_size)`` for an embedding; None (the default) draws floats N(0, 1).
 
     Returns a :class:`LayerReport`: ``.ok``, ``.failures``, and ``print(report)``.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"check_layer: layer must be a jbp Layer, got {type(layer).__name__}")
+    if int_range is not None:
+        ok = (isinstance(int_range, (tuple, list)) and len(int_range) == 2
+              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                      for v in int_range) and int_range[0] < int_range[1])
+        if not ok:
+            raise ValueError(f"check_layer: int_range must be a pair of ints (low, high) with "
+                             f"low < high, got {int_range!r}")
+        int_range = (int(int_range[0]), int(int_range[1]))
     checks: list[Check] = []
     for dtype in dtypes:
         with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
-            built = _check_dtype(layer, in_shape, jnp.dtype(dtype), batch, seed, key, train, checks)
+            built = _check_dtype(layer, in_shape, jnp.dtype(dtype), batch, seed, key, train,
+                                 int_range, checks)
         if not built:
             break  # init fails: one dtype says why
     return LayerReport(layer.name, tuple(checks))
 
 
-def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, checks) -> bool:
+def _inputs(rng, shape, dtype, case, int_range):
+    """The input of one case: floats N(0, 1)·scale, or int32 in [low, high) (the zeros case:
+    every entry low; the large case: every entry high − 1)."""
+    if int_range is None:
+        return jnp.asarray(rng.normal(size=shape) * CASES[case][0], dtype)
+    low, high = int_range
+    value = {"zeros": low, "large": high - 1}.get(case)
+    x = rng.integers(low, high, size=shape) if value is None else np.full(shape, value)
+    return jnp.asarray(x, jnp.int32)
+
+
+def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, checks) -> bool:
     """Append the checks in ``dtype`` to ``checks``; False if ``init`` failed."""
     name = dtype.name
     try:
@@ -133,36 +164,49 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, checks) -> boo
     rng = np.random.default_rng(seed)
     for case, (scale, case_batch) in CASES.items():
         b = case_batch or batch
-        x = jnp.asarray(rng.normal(size=(b, *in_shape)) * scale, dtype)
+        x = _inputs(rng, (b, *in_shape), dtype, case, int_range)
         dy = jnp.asarray(rng.normal(size=(b, *out_shape)), dtype)
         what = f"{name} {case}"
         try:
-            _check_shapes(layer, params, x, dy, out_shape, kw)
+            _check_shapes(layer, params, x, dy, out_shape, dtype, kw)
         except Exception as err:  # noqa: BLE001
             checks.append(Check(f"{what}: shapes and dtypes", False, _error(err)))
             continue
         manual, reference = _vjp_pair(layer, params, x, dy, kw)
+        compared = "dparams and dx"
+        if int_range is not None:  # an integer input has no gradient (jax.vjp: float0)
+            manual, reference, compared = manual["dparams"], reference["dparams"], "dparams"
         comparison = compare_grads(manual, reference, rtol=DEFAULT_RTOL[dtype])
         checks.append(Check(f"{what}: backward vs jax.vjp", comparison.ok,
                             f"max rel err {comparison.max_rel:.1e} over {len(comparison.leaves)} "
-                            f"leaves of dparams and dx", comparison))
+                            f"leaves of {compared}", comparison))
         if case == "random":
-            checks.append(_check_per_example(layer, params, x, dy, kw, dtype, what))
+            x_other = _inputs(rng, x.shape, dtype, "random", int_range)
+            checks.append(_check_per_example(layer, params, x, x_other, dy, kw, dtype, what))
     return True
 
 
-def _check_shapes(layer, params, x, dy, out_shape, kw):
-    """Trace (no compile) forward and backward; raise with what is wrong."""
+def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
+    """Trace (no compile) forward and backward; raise with what is wrong. ``y`` must have
+    ``dtype`` (the input's, or the params' for integer inputs); ``dx`` the shape of ``x`` and,
+    for a float ``x``, its dtype."""
+    floating = jnp.issubdtype(x.dtype, jnp.inexact)
 
     def run(params, x, dy):
         y, cache = layer.forward(params, x, **kw)
         if tuple(y.shape) != (x.shape[0], *out_shape):
             raise ValueError(f"forward gave y of shape {tuple(y.shape)}, init promised "
                              f"(batch, *out_shape) = {(x.shape[0], *out_shape)}")
-        if y.dtype != x.dtype:
-            raise ValueError(f"forward gave y of dtype {y.dtype} for an input of {x.dtype}")
+        if y.dtype != dtype:
+            raise ValueError(f"forward gave y of dtype {y.dtype} for an input of {x.dtype}"
+                             + ("" if floating else f" and params of {dtype}"))
         dparams, dx = layer.backward(params, cache, dy)
         check_like("backward", "dparams", dparams, params)
+        if not floating:  # no gradient to check the dtype of (jax.vjp gives float0 zeros)
+            if tuple(dx.shape) != tuple(x.shape):
+                raise ValueError(f"backward gave dx of shape {tuple(dx.shape)}, expected x's "
+                                 f"{tuple(x.shape)} (float0 zeros for an integer input)")
+            return
         if tuple(dx.shape) != tuple(x.shape) or dx.dtype != x.dtype:
             raise ValueError(f"backward gave dx of shape {tuple(dx.shape)} and dtype {dx.dtype}, "
                              f"expected x's {tuple(x.shape)} and {x.dtype}")
@@ -185,12 +229,12 @@ def _manual_and_reference(layer, params, x, dy, key, train):
 _vjp_pair_jit = jax.jit(_manual_and_reference, static_argnums=(0, 5))
 
 
-def _check_per_example(layer, params, x, dy, kw, dtype, what) -> Check:
+def _check_per_example(layer, params, x, x_other, dy, kw, dtype, what) -> Check:
     name = f"{what}: per-example declaration"
     if layer.per_example is None:
         return Check(name, True, "none declared (per-example functions will refuse this layer)")
     try:
-        got, want = _per_example_pair(layer, params, x, dy, kw["key"], kw["train"])
+        got, want = _per_example_pair(layer, params, x, x_other, dy, kw["key"], kw["train"])
     except Exception as err:  # noqa: BLE001
         return Check(name, False, _error(err))
     comparison = compare_grads(got, want, rtol=DEFAULT_RTOL[dtype])
@@ -199,20 +243,31 @@ def _check_per_example(layer, params, x, dy, kw, dtype, what) -> Check:
                                       f"{comparison.max_rel:.1e}", comparison)
 
 
-def _per_example(layer, params, x, dy, key, train):
+def _per_example(layer, params, x, x_other, dy, key, train):
     """(what the declaration gives, the reference from ``jax.vjp``): ∇ℓ_i, their squared norms
     and sums of squares, and how much of dx leaks out of row i when only row i of dy is set
     (zero for a layer that keeps examples apart). The reference runs the whole batch (so a
-    dropout mask is the same) with a cotangent that is dy in row i and zero elsewhere."""
-    _, cache = layer.forward(params, x, key=key, train=train)
+    dropout mask is the same) with a cotangent that is dy in row i and zero elsewhere.
+
+    An integer ``x`` has no dx: there the examples are kept apart if row i of the output
+    stays as it is when every other row of the input is taken from ``x_other``."""
+    y, cache = layer.forward(params, x, key=key, train=train)
     _, vjp = jax.vjp(lambda p, x_: layer.apply(p, x_, key=key, train=train), params, x)
     batch = x.shape[0]
+    floating = jnp.issubdtype(x.dtype, jnp.inexact)
+    dtype = x.dtype if floating else y.dtype
+
+    def row_of(i, ndim):
+        return (jnp.arange(batch) == i).reshape((batch,) + (1,) * (ndim - 1))
 
     def row(i):
-        only_i = (jnp.arange(batch) == i).reshape((batch,) + (1,) * (dy.ndim - 1))
-        dp, dx = vjp(dy * only_i)
-        return dp, jnp.where((jnp.arange(batch) == i).reshape(only_i.shape[:1] + (1,) * (x.ndim - 1)),
-                             0, dx)
+        dp, dx = vjp(dy * row_of(i, dy.ndim))
+        if floating:
+            return dp, jnp.where(row_of(i, x.ndim), 0, dx)
+        # y's row i from x's row i alone: redraw the other rows, read row i back
+        mixed = layer.apply(params, jnp.where(row_of(i, x.ndim), x, x_other), key=key,
+                            train=train)
+        return dp, mixed[i]
 
     grads_alone, leaks = jax.vmap(row)(jnp.arange(batch))
     grads = trace(layer, params, cache, dy, lambda rule, c, d: rule.grads(c, d), "check_layer")
@@ -220,15 +275,17 @@ def _per_example(layer, params, x, dy, key, train):
                      "check_layer")
     sum_sq = trace(layer, params, cache, dy, lambda rule, c, d: rule.sum_of_squares(c, d),
                    "check_layer")
-    zeros = jnp.zeros(batch, x.dtype)
+    zeros = jnp.zeros(batch, dtype)
     want_norms = sum((jnp.sum(g.reshape(batch, -1) ** 2, axis=1)
                       for g in jax.tree_util.tree_leaves(grads_alone)), zeros)
     want_sum_sq = jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads_alone)
     got_norms = sum(jax.tree_util.tree_leaves(sq_norms), zeros)
-    got = {"dx_outside_row_i": leaks, "grads": grads, "sq_norms": got_norms, "sum_sq": sum_sq}
-    want = {"dx_outside_row_i": jnp.zeros_like(leaks), "grads": grads_alone,
-            "sq_norms": want_norms, "sum_sq": want_sum_sq}
-    return _cast(got, x.dtype), want
+    apart = (("dx_outside_row_i", leaks, jnp.zeros_like(leaks)) if floating else
+             ("y_row_i_with_other_rows_redrawn", leaks, y))
+    got = {apart[0]: apart[1], "grads": grads, "sq_norms": got_norms, "sum_sq": sum_sq}
+    want = {apart[0]: apart[2], "grads": grads_alone, "sq_norms": want_norms,
+            "sum_sq": want_sum_sq}
+    return _cast(got, dtype), want
 
 
-_per_example_pair = jax.jit(_per_example, static_argnums=(0, 5))
+_per_example_pair = jax.jit(_per_example, static_argnums=(0, 6))
