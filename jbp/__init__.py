@@ -26,6 +26,7 @@ from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
 from jbp.layers.branches import parallel, residual
+from jbp.layers.conv import conv
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
 from jbp.layers.flatten import flatten
@@ -33,6 +34,7 @@ from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
+from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
@@ -46,7 +48,7 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
-    "elementwise",
+    "conv", "max_pool", "avg_pool", "global_avg_pool", "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
     "Loss", "IGNORE_LABEL", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",
