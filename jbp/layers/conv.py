@@ -26,8 +26,8 @@ Shapes (n = 1 or 2 spatial axes, decided by the per-example input shape at init)
 - cache: ``a``.
 
 Per example (:data:`PerExampleRule`): ∂ℓ_i/∂W is the kernel-gradient convolution of example
-i alone; all B of them are one convolution in which every example is its own group
-(``batch_group_count``). Their squared norms avoid forming them where that is cheaper,
+i alone; all B of them are one convolution in which every example is its own feature group
+(``feature_group_count``). Their squared norms avoid forming them where that is cheaper,
 as BackPACK does: with U_i the unfolded input (P positions × K patch entries),
 ‖U_iᵀδ_i‖²_F = Σ (U_i U_iᵀ) ⊙ (δ_i δ_iᵀ), two P×P Gram matrices instead of a K×O gradient.
 """
@@ -263,21 +263,25 @@ def kernel_grad(a, delta, geo: Window, groups: int):
 def per_example_kernel_grads(a, delta, geo: Window, groups: int):
     """∂ℓ_i/∂W for every example: ``(B, *size, C/groups, O)``, in one convolution.
 
-    :func:`kernel_grad` sums over the batch because the batch is its contracted axis. To
-    keep the examples apart, make each example its own group instead: put the batch beside
-    the channels (one axis of B·C input channels, example-major, and B·O delta channels),
-    and let ``batch_group_count = B·groups`` pair example i's channel group g only with
-    example i's delta group g. Nothing is summed over examples.
+    :func:`kernel_grad` sums over the batch because the batch is its contracted axis (the
+    input-feature role). To keep the examples apart, make every example its own *feature
+    group* instead (``feature_group_count = B·G``): feature (i, g) is example i's input
+    channel group g (its C/G channels stay in the N role, as before) and meets only
+    example i's delta channels of group g, laid out (B, G, O/G) along the delta's O axis.
+    Nothing is summed over examples. (``batch_group_count = B·G`` with the channels
+    example-major says the same, but XLA's CPU backend ran it ~40× slower: 0.5 s against
+    13 ms for the MNIST-1D CNN at batch 100; this form runs as fast as ``vmap(grad)``.)
     """
     n, batch = len(geo.size), a.shape[0]
     c, out = a.shape[-1], delta.shape[-1]
     s = SPATIAL[n]
-    a_ex = jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], batch * c, 1)                 # (*n, B·C, 1)
-    d_ex = jnp.moveaxis(delta, 0, -2).reshape(*delta.shape[1:-1], 1, batch * out)      # (*m, 1, B·O)
+    a_ex = a.reshape(batch, *a.shape[1:-1], groups, c // groups)
+    a_ex = jnp.moveaxis(a_ex, -2, 1).reshape(batch * groups, *a.shape[1:-1], c // groups)  # (B·G, *n, C/G)
+    d_ex = jnp.moveaxis(delta, 0, -2).reshape(*delta.shape[1:-1], 1, batch * out)          # (*m, 1, B·O)
     g = lax.conv_general_dilated(a_ex, d_ex, window_strides=geo.dilation,
                                  padding=_kernel_grad_pads(geo), rhs_dilation=geo.stride,
-                                 dimension_numbers=(s + "NC", s + "IO", s + "NC"),
-                                 batch_group_count=batch * groups)                   # (*k, C/G, B·O)
+                                 dimension_numbers=("C" + s + "N", s + "IO", s + "NC"),
+                                 feature_group_count=batch * groups)                  # (*k, C/G, B·O)
     return jnp.moveaxis(g.reshape(*geo.size, c // groups, batch, out), -2, 0)
 
 
@@ -299,8 +303,11 @@ def per_example_sq_norms(a, delta, geo: Window, groups: int, path: str | None = 
     layers: few positions, many channels), the gradients themselves otherwise. ``path``
     (``"gram"`` or ``"formed"``) overrides the choice, to compare the two.
 
-    U_i U_iᵀ never needs U_i: column block j of U_i is what tap j reads (:func:`tap_slice`,
-    P × C/G), so U_i U_iᵀ = Σ_j X_j X_jᵀ, accumulated tap by tap.
+    U_i U_iᵀ never needs U_i: column block j of U_i is X_j, what tap j reads (P × C/G: the
+    padded input from row j·d on, every s-th row), so U_i U_iᵀ = Σ_j X_j X_jᵀ. A
+    ``lax.scan`` over the taps adds them up one at a time, so only one X_j is alive at once
+    (with a Python loop XLA kept every X_j alive: 2.3× the temporary memory of
+    ``per_example_grad_norms`` on the MNIST-1D CNN).
     """
     batch, out = delta.shape[0], delta.shape[-1]
     positions = math.prod(geo.out_size)
@@ -316,10 +323,17 @@ def per_example_sq_norms(a, delta, geo: Window, groups: int, path: str | None = 
     d = d.reshape(batch, positions, groups, out // groups)
     gram_delta = jnp.einsum("bpgo,bqgo->bgpq", d, d)
     a_padded = pad_spatial(a, geo)
-    gram_input = 0
-    for tap in geo.taps:
-        x = tap_slice(a_padded, geo, tap).reshape(batch, positions, groups, -1)
-        gram_input = gram_input + jnp.einsum("bpgc,bqgc->bgpq", x, x)
+    extent = [(m - 1) * s + 1 for m, s in zip(geo.out_size, geo.stride)]
+    every_stride = (slice(None), *(slice(None, None, s) for s in geo.stride), slice(None))
+
+    def add_tap(gram, start):  # start: (n,), the first row tap j reads, j·d per axis
+        x = lax.dynamic_slice(a_padded, [0, *start, 0], [batch, *extent, a.shape[-1]])
+        x = x[every_stride].reshape(batch, positions, groups, -1)  # X_j, (B, P, G, C/G)
+        return gram + jnp.einsum("bpgc,bqgc->bgpq", x, x), None
+
+    starts = jnp.asarray([[j * d for j, d in zip(tap, geo.dilation)] for tap in geo.taps])
+    zeros = jnp.zeros((batch, groups, positions, positions), a.dtype)
+    gram_input, _ = lax.scan(add_tap, zeros, starts)
     return jnp.sum(gram_input * gram_delta, axis=(1, 2, 3)) + sq_b
 
 
