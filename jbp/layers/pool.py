@@ -45,7 +45,7 @@ from jax import lax
 
 from jbp.layer import (EXAMPLEWISE, Layer, as_shape, cast_like, check_array, check_empty_params,
                        constructor)
-from jbp.layers.conv import (SPATIAL, Window, axis_names, pad_spatial, padding_arg, per_axis,
+from jbp.layers.conv import (SPATIAL, Window, axis_names, pad_spatial, padding_arg,
                              spatial_arg, tap_slice, window)
 
 
