@@ -26,6 +26,7 @@ from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
 from jbp.layers.branches import parallel, residual
+from jbp.layers.conv import conv
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
 from jbp.layers.embedding import embedding
@@ -35,6 +36,7 @@ from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
 from jbp.layers.norm import layer_norm
+from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
@@ -48,7 +50,7 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
-    "layer_norm", "embedding",
+    "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "embedding",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
