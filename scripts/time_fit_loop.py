@@ -3,6 +3,9 @@ jitted step. Times one epoch of each on MNIST-1D (compile timed apart, warmed up
 of interleaved repeats) for both gradient sources and a few batch sizes.
 
 Usage: .venv/bin/python scripts/time_fit_loop.py [--repeats 7] [--sizes 40 100 100 10]
+       .venv/bin/python scripts/time_fit_loop.py --cnn 32 --batch-sizes 100 --repeats 3
+(--cnn C: the MNIST-1D CNN of experiments/mnist1d_models.py, four convolutions of C channels,
+instead of the MLP)
 """
 
 import argparse
@@ -22,13 +25,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", type=int, nargs="+", default=[40, 100, 100, 10])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 100, 500])
+    parser.add_argument("--cnn", type=int, default=None, metavar="C",
+                        help="time the MNIST-1D CNN with C channels per convolution instead")
     args = parser.parse_args()
 
     print(device_info(jax.devices()[0]))
     data = load_mnist1d()
-    x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
-    model, loss = jbp.mlp(args.sizes), jbp.losses.softmax_cross_entropy
-    _, params = model.init(jax.random.key(0), (args.sizes[0],))
+    loss = jbp.losses.softmax_cross_entropy
+    if args.cnn:
+        layers = []
+        for _ in range(4):
+            layers += [jbp.conv(args.cnn, 5), jbp.relu()]
+        model, in_shape = jbp.serial(*layers, jbp.global_avg_pool(), jbp.dense(10)), (40, 1)
+    else:
+        model, in_shape = jbp.mlp(args.sizes), (args.sizes[0],)
+    x = jax.device_put(data.x_train.reshape(-1, *in_shape))
+    y = jax.device_put(data.y_train)
+    _, params = model.init(jax.random.key(0), in_shape)
     optimizer = make_optimizer("adam", 1e-3)
     opt_state = optimizer.init(params)
     print(f"model {model.name}, N={len(x)}; per epoch, median of {args.repeats}")
