@@ -404,3 +404,12 @@ def test_resume_with_another_optimizer_says_different_optimizer(setup, tmp_path)
     # the same optimizer again resumes
     _, history = _fit(setup, epochs=2, checkpoint_dir=custom, resume=True, optimizer=adam)
     assert len(history["loss"]) == 12
+
+
+def test_auto_loop_takes_the_python_loop_for_convolutions():
+    """XLA's CPU convolutions inside lax.scan were 17-24x slower: fit(loop="auto") avoids it."""
+    from jbp.train import _has_conv
+
+    cnn = jbp.serial(jbp.residual(jbp.serial(jbp.conv(2, 3), jbp.relu())), jbp.global_avg_pool())
+    assert _has_conv(cnn) and _has_conv(jbp.parallel(jbp.dense(2), jbp.conv(2, 3)))
+    assert not _has_conv(jbp.mlp([4, 8, 3])) and not _has_conv(jbp.max_pool(2))
