@@ -489,3 +489,54 @@ def test_a_killed_process_stops_the_other_with_an_error(pair):
     assert "NOT STOPPED" not in pair["stdout"]
     assert pair["stopped_after"] <= HEARTBEAT + 30
     assert "stopped sending heartbeats" in pair["stderr"] or "another task died" in pair["stderr"]
+
+
+# ---------------------------------------------------------------------------- launch_local.sh
+
+LAUNCHED = textwrap.dedent("""
+    import argparse, os, sys, time
+    from jbp import distributed
+    args = distributed.add_flags(argparse.ArgumentParser()).parse_args()
+    args.heartbeat_timeout = 60  # so only the launcher can stop the other process quickly
+    distributed.initialize_from_args(args)
+    import jax
+    with open(os.path.join(os.path.dirname(__file__), f"pid{{args.process_id}}"), "w") as f:
+        f.write(str(os.getpid()))
+    with distributed.stop_together():
+        if jax.process_index() == 1 and {fail}:
+            raise RuntimeError("boom in process 1")
+        print("process", jax.process_index(), "of", jax.process_count(), "devices",
+              jax.device_count(), flush=True)
+        time.sleep({sleep})
+""")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["all-succeed", "one-fails"])
+def test_launch_local_starts_n_processes_and_fails_if_one_does(tmp_path, fail):
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED.format(fail=fail, sleep=60 if fail else 0))
+    env = os.environ | {"PYTHON": sys.executable, "JBP_HOST_DEVICES": "2",
+                        "PYTHONPATH": script_env(1)["PYTHONPATH"]}
+    start = time.time()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", str(script)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    if not fail:
+        assert done.returncode == 0, done.stderr[-3000:]
+        for i in range(2):
+            assert f"[p{i}] process {i} of 2 devices 4" in done.stdout + done.stderr
+    else:  # the other process sleeps for a minute: the launcher stops it at once
+        assert done.returncode == 1
+        assert "[p1] RuntimeError: boom in process 1" in done.stdout + done.stderr
+        assert "a process failed; stopping the others" in done.stderr
+        assert time.time() - start < 30
+    for i in range(2):  # the launcher returns after every process has ended
+        assert not running(int((tmp_path / f"pid{i}").read_text()))
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
