@@ -154,17 +154,19 @@ def run_worker(args) -> dict:
     loss = jbp.losses.softmax_cross_entropy
     optimizer = optax.adam(args.lr)
     main = distributed.is_main_process()
-    label = (f"{jax.process_count()} processes x {jax.local_device_count()} devices"
-             if jax.process_count() > 1 else f"{len(devices)} device{'s' * (len(devices) > 1)}")
+    label = (f"{jax.process_count()} processes x {devices_text(jax.local_device_count())}"
+             if jax.process_count() > 1 else devices_text(len(devices)))
 
     runs = {}
     for name, where in (("single", None), ("mesh", mesh)):
+        snapshots = [parallel.gather(params)]
         start = time.perf_counter()
         final, history = jbp.fit(model, loss, params, data, key=jax.random.key(args.seed + 1),
                                  optimizer=optimizer, epochs=args.epochs,
                                  batch_size=args.batch_size, grad="manual", mesh=where,
-                                 progress=main and not args.quick)
-        runs[name] = {"params": final, "history": history,
+                                 progress=main and not args.quick,
+                                 on_epoch=lambda e, p, h: snapshots.append(parallel.gather(p)))
+        runs[name] = {"params": final, "history": history, "snapshots": snapshots,
                       "seconds": time.perf_counter() - start}
     loss_single = np.array(runs["single"]["history"]["loss"])
     loss_mesh = np.array(runs["mesh"]["history"]["loss"])
@@ -179,6 +181,8 @@ def run_worker(args) -> dict:
         "label": label, "devices": len(devices), "processes": jax.process_count(),
         "n_params": n_params, "grad_bytes": parallel.tree_bytes(params),
         "max_rel_param_diff": max_rel(runs["mesh"]["params"], runs["single"]["params"]),
+        "param_rel_diff_per_epoch": [max_rel(a, b) for a, b in zip(
+            runs["mesh"]["snapshots"], runs["single"]["snapshots"], strict=True)],
         "max_rel_loss_diff": float(np.max(np.abs(loss_mesh - loss_single)
                                           / np.abs(loss_single))),
         "history": {name: r["history"]["eval"] for name, r in runs.items()},
@@ -188,6 +192,10 @@ def run_worker(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- the driver
+
+def devices_text(n: int) -> str:
+    return f"{n} device{'s' * (n != 1)}"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -249,8 +257,8 @@ def drive(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (total, processes, per_process) in enumerate(configs):
             out = Path(tmp) / f"run{i}"
-            what = (f"{processes} processes x {per_process} devices" if processes > 1
-                    else f"{total} device{'s' * (total > 1)}")
+            what = (f"{processes} processes x {devices_text(per_process)}" if processes > 1
+                    else devices_text(total))
             print(f"[{i + 1}/{len(configs)}] {what} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             base = worker_argv(args, out)
@@ -272,7 +280,7 @@ def drive(args) -> list[dict]:
 
 def plot(out: Path, runs: list[dict]) -> None:
     pyplot = plt()
-    fig, (ax_acc, ax_loss) = pyplot.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_loss, ax_diff) = pyplot.subplots(1, 3, figsize=(16, 4))
     base = runs[0]["history"]["single"]
     epochs = [e["epoch"] for e in base]
     ax_acc.plot(epochs, [e["test_accuracy"] for e in base], color="black", lw=4, alpha=0.25,
@@ -285,9 +293,14 @@ def plot(out: Path, runs: list[dict]) -> None:
                     label=run["label"])
         ax_loss.plot([e["epoch"] for e in ev], [e["train_loss"] for e in ev], lw=1,
                      label=run["label"])
+        diffs = run["param_rel_diff_per_epoch"]
+        ax_diff.plot(range(len(diffs)), [max(d, 1e-17) for d in diffs], marker="o", ms=3,
+                     lw=1, label=run["label"])
+    ax_diff.set(xlabel="epoch", ylabel="max over leaves of ‖θ_mesh − θ_1‖ / ‖θ_1‖",
+                title="params vs the single-device run", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss", yscale="log")
-    for ax in (ax_acc, ax_loss):
+    for ax in (ax_acc, ax_loss, ax_diff):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("MNIST-1D MLP, data-parallel (jbp.fit mesh=...) over the single-device run")
@@ -320,15 +333,57 @@ def report(runs: list[dict]) -> None:
     first = runs[0]
     print(f"model: MLP, {first['n_params']} params; gradients all-reduced per step: "
           f"{first['grad_bytes']} bytes")
-    print(f"{'configuration':<28}{'ms manual':>10}{'ms autodiff':>12}{'ex/s manual':>12}"
-          f"{'HLO all-reduce B':>17}{'param rel diff':>15}{'loss rel diff':>14}")
+    print(f"{'configuration':<26}{'ms manual':>10}{'ms autodiff':>12}{'ex/s manual':>12}"
+          f"{'HLO all-reduce B':>17}{'test acc':>9}{'(1 dev)':>8}{'param rel diff':>15}"
+          f"{'(epoch 1)':>11}")
     for run in runs:
         step = run["step"]
         hlo = step["manual"]["collectives"].get("all-reduce", {"bytes": 0})["bytes"]
-        print(f"{run['label']:<28}{step['manual']['time']['median'] * 1e3:>10.3f}"
+        acc = run["history"]["mesh"][-1]["test_accuracy"]
+        acc1 = run["history"]["single"][-1]["test_accuracy"]
+        print(f"{run['label']:<26}{step['manual']['time']['median'] * 1e3:>10.3f}"
               f"{step['autodiff']['time']['median'] * 1e3:>12.3f}"
-              f"{step['manual']['examples_per_s']:>12.0f}{hlo:>17}"
-              f"{run['max_rel_param_diff']:>15.2e}{run['max_rel_loss_diff']:>14.2e}")
+              f"{step['manual']['examples_per_s']:>12.0f}{hlo:>17}{acc:>9.3f}{acc1:>8.3f}"
+              f"{run['max_rel_param_diff']:>15.2e}{run['param_rel_diff_per_epoch'][1]:>11.2e}")
+
+
+# Assumed, not measured here: the bus bandwidth an all-reduce gets from a kind of link,
+# and the latency of one step of the ring. Order-of-magnitude figures, for the estimate.
+ASSUMED_LINKS = {
+    "NVLink-class, one 8-GPU node": (8, 200e9, 5e-6),
+    "PCIe-class, one 8-GPU node": (8, 20e9, 10e-6),
+    "200 Gb/s network, 8 nodes x 8": (64, 25e9, 10e-6),
+}
+
+
+def ring_estimate(t1: float, grad_bytes: int, batch: int) -> list[dict]:
+    """Step time on N accelerators from the measured one-device step ``t1`` (s) and a ring
+    all-reduce of the gradients: 2(N−1)/N · bytes / bandwidth, plus 2(N−1) latencies."""
+    rows = []
+    for link, (n, bandwidth, latency) in ASSUMED_LINKS.items():
+        transfer = 2 * (n - 1) / n * grad_bytes / bandwidth
+        hops = 2 * (n - 1) * latency
+        strong = t1 / n + transfer + hops  # the same global batch, split N ways
+        weak = t1 + transfer + hops  # the same batch per device, N times the global batch
+        rows.append({"link": link, "n": n, "assumed_bandwidth_GBps": bandwidth / 1e9,
+                     "assumed_latency_us": latency * 1e6, "compute_ms": t1 * 1e3,
+                     "transfer_ms": transfer * 1e3, "latency_ms": hops * 1e3,
+                     "strong_step_ms": strong * 1e3, "strong_speedup": t1 / strong,
+                     "weak_examples_per_s": n * batch / weak,
+                     "weak_efficiency": t1 / weak})
+    return rows
+
+
+def report_estimate(rows: list[dict], batch: int) -> None:
+    print(f"ring all-reduce estimate (bandwidths and latencies ASSUMED; compute: the measured "
+          f"1-device step, {rows[0]['compute_ms']:.3f} ms at batch {batch}):")
+    print(f"{'link (assumed)':<32}{'N':>4}{'GB/s':>6}{'µs/hop':>7}{'transfer ms':>12}"
+          f"{'latency ms':>11}{'strong ms':>10}{'speedup':>8}{'weak eff.':>10}")
+    for r in rows:
+        print(f"{r['link']:<32}{r['n']:>4}{r['assumed_bandwidth_GBps']:>6.0f}"
+              f"{r['assumed_latency_us']:>7.0f}{r['transfer_ms']:>12.4f}{r['latency_ms']:>11.3f}"
+              f"{r['strong_step_ms']:>10.3f}{r['strong_speedup']:>8.2f}"
+              f"{r['weak_efficiency']:>10.3f}")
 
 
 def main(argv=None):
@@ -358,11 +413,17 @@ def main(argv=None):
         "note": ("host devices of one CPU share its cores: more of them cannot be faster"
                  if info["platform"] == "cpu" else None),
     }
+    one = [r for r in runs if r["devices"] == 1 and r["processes"] == 1]
+    if one:
+        results["estimate"] = ring_estimate(one[0]["step"]["manual"]["time"]["median"],
+                                            one[0]["grad_bytes"], args.batch_size)
     write_json(args.out / "results.json", results)
     if args.no_plots:
         return results
     plot(args.out, runs)
     report(runs)
+    if one:
+        report_estimate(results["estimate"], args.batch_size)
     if info["platform"] == "cpu":
         print(f"note: these 'devices' are threads sharing {info['cpu_count']} CPU cores; "
               f"more of them cannot make a step faster here")

@@ -135,12 +135,13 @@ def test_data_parallel_quick(tmp_path, env):
     for r in runs:
         assert r["max_rel_param_diff"] < 1e-5 and r["max_rel_loss_diff"] < 1e-5
         assert len(r["history"]["mesh"]) == results["config"]["epochs"] + 1
+        assert len(r["param_rel_diff_per_epoch"]) == results["config"]["epochs"] + 1
         for grad in ("manual", "autodiff"):
             assert r["step"][grad]["time"]["median"] > 0
             # XLA all-reduces the gradients (and a few scalars) in every step
             reduced = r["step"][grad]["collectives"]["all-reduce"]["bytes"]
             assert r["grad_bytes"] <= reduced <= r["grad_bytes"] + 64
-    assert "2 processes x 1 devices" in stdout
+    assert "2 processes x 1 device " in stdout
     assert_png(tmp_path / "curves.png")
     assert_png(tmp_path / "scaling.png")
 
