@@ -247,10 +247,14 @@ def run_children(commands, env) -> None:
                 p.wait()
 
 
-def drive(args) -> list[dict]:
+def drive(args, platform: str) -> list[dict]:
     """Run every configuration in fresh processes; return their runs."""
     configs = [(n, 1, n) for n in args.device_counts]
-    if args.processes:
+    if args.processes and platform != "cpu":
+        print(f"note: skipping the {args.processes}-process run on 127.0.0.1: it splits CPU host "
+              f"devices between processes; on {platform} start one process per host with "
+              f"--coordinator (see docs/scaling.md)", file=sys.stderr)
+    elif args.processes:
         configs.append((args.processes * args.devices_per_process, args.processes,
                         args.devices_per_process))
     runs = []
@@ -397,7 +401,7 @@ def main(argv=None):
             runs = [run_worker(args)]
     else:
         info = start_device(args.platform)
-        runs = drive(args)
+        runs = drive(args, info["platform"])
     if args.worker and not distributed.is_main_process():
         return None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ subprocess has a timeout, and a run that does not finish fails with that said.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -540,3 +541,39 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+# ---------------------------------------------------------------------------- the README
+
+def test_readme_multi_device_example_runs(tmp_path_factory, tmp_path):
+    """The README's 8-device example (a bash block: test_readme.py runs python blocks in a
+    process that has one device) runs as written, with this interpreter for .venv's."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Scaling out"):]
+    block = re.search(r"```bash\n(XLA_FLAGS=.*?\nEOF\n)```", section, re.S).group(1)
+    env = os.environ | {"PYTHONPATH": script_env(1)["PYTHONPATH"],
+                        "JBP_CACHE": str(tmp_path_factory.getbasetemp() / "jbp-cache")}
+    done = subprocess.run(["bash", "-c", block.replace(".venv/bin/python", sys.executable)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.fullmatch(r"8 devices, test accuracy 0\.\d+\n", done.stdout), done.stdout
+
+
+def test_docs_scaling_examples_run_on_eight_devices(tmp_path):
+    """docs/scaling.md's python blocks (test_readme.py runs them on one device) run in
+    order on 8 host devices too, and their results live on all 8."""
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    check = textwrap.dedent("""
+        assert jax.device_count() == 8
+        assert len(params[0]["W"].sharding.device_set) == 8  # fit's params, on the mesh
+        assert norms.shape == (64,) and len(norms.sharding.device_set) == 8
+        assert clipped[0]["W"].sharding.is_fully_replicated
+        print("ok")
+    """)
+    (tmp_path / "docs.py").write_text("\n".join(blocks) + check)
+    done = subprocess.run([sys.executable, str(tmp_path / "docs.py")], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=script_env(8), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "ok\n"
