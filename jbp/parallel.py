@@ -208,7 +208,6 @@ def data_parallel_value_and_grad(model: Layer, loss: Loss, mesh, *, grad: str = 
     mesh = as_mesh(mesh, "data_parallel_value_and_grad", axis)
     if grad not in GRADS:
         raise ValueError(f"data_parallel_value_and_grad: grad must be one of {GRADS}, got {grad!r}")
-    n = data_size(mesh, axis)
     manual = manual_value_and_grad(model, loss)
 
     def shard(params, x, y, weights, key, train):
@@ -375,29 +374,29 @@ def collective_bytes(hlo_text: str) -> dict:
     HLO text (``jax.jit(f).lower(...).compile().as_text()``): ``{op: {"count", "bytes"}}``.
 
     The bytes are those of each collective's result shape (for an all-reduce: the buffer
-    reduced across devices, e.g. the gradients); async pairs (``-start``/``-done``) count
-    once. Ops inside a loop body (``lax.scan``) count once, not per iteration.
+    reduced across devices, e.g. the gradients; a tuple counts all its members). Async
+    pairs count once, at their ``-start``: an ``all-reduce-start`` has the result's shape,
+    the other ``-start`` ops return ``(operand, result, ...)`` and count their second
+    member. Ops inside a loop body (``lax.scan``) count once, not per iteration.
     """
     found = {}
     for line in hlo_text.splitlines():
         if "=" not in line:
             continue
-        lhs, rhs = line.split("=", 1)
+        rhs = line.split("=", 1)[1]
         for op in COLLECTIVES:
             match = re.match(rf"\s*(.*?)\s{op}(-start)?\(", rhs)
-            if match:
-                shape = match.group(1)
-                if match.group(2):  # an async start returns (operands, results): keep half
-                    shapes = _SHAPE.findall(shape)
-                    shapes = shapes[len(shapes) // 2:] if op == "all-reduce" else shapes[-1:]
-                else:
-                    shapes = _SHAPE.findall(shape)
-                size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
-                           for t, dims in shapes)
-                entry = found.setdefault(op, {"count": 0, "bytes": 0})
-                entry["count"] += 1
-                entry["bytes"] += size
-                break
+            if not match:
+                continue
+            shapes = _SHAPE.findall(match.group(1))
+            if match.group(2) and op != "all-reduce":
+                shapes = shapes[1:2]
+            size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                       for t, dims in shapes)
+            entry = found.setdefault(op, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += size
+            break
     return found
 
 

@@ -34,6 +34,12 @@ set -m  # each process (with its output filter) in a process group of its own
 pids=()
 stop_all() {  # SIGKILL: a process in jax.distributed takes SIGTERM as a preemption notice
     for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do  # and wait (up to 10 s) until every process of them is gone
+        for ((tries = 0; tries < 100; tries++)); do
+            kill -0 -- "-$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+    done
 }
 trap 'stop_all; exit 130' INT TERM
 echo "launching $n processes of $script on 127.0.0.1:$port ($host_devices CPU devices each)" >&2

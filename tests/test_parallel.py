@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -81,7 +82,7 @@ COMMON = textwrap.dedent("""
 """)
 
 EIGHT = COMMON + textwrap.dedent("""
-    import tempfile
+    import shutil, tempfile
     out = {"devices": jax.device_count()}
     mesh_of = {d: jbp.data_mesh(jax.devices()[:d]) for d in (1, 2, 4, 8)}
 
@@ -154,7 +155,7 @@ EIGHT = COMMON + textwrap.dedent("""
         fit(model, params, data, epochs=2, mesh=mesh_of[4], checkpoint_dir=f"{tmp}/ck")
         for name, mesh in (("1", mesh_of[1]), ("2", mesh_of[2]), ("none", None)):
             os.makedirs(f"{tmp}/{name}")
-            os.system(f"cp {tmp}/ck/checkpoint.npz {tmp}/{name}/")
+            shutil.copy(f"{tmp}/ck/checkpoint.npz", f"{tmp}/{name}/")
             resumed, h = fit(model, params, data, epochs=3, mesh=mesh,
                              checkpoint_dir=f"{tmp}/{name}", resume=True)
             ck[name] = {"rel": rel(resumed, straight), "history": rel_hist(h, h_straight),
@@ -255,9 +256,7 @@ def test_fit_on_n_devices_gives_the_single_device_params(eight, dtype, tol, grad
     assert got["devices"] == devices  # the params really live on that many devices
     assert got["moved"] > 1e-3  # and training moved them (Adam, 9 steps of 1e-3)
     assert got["one_step"] <= tol
-    # a short run (3 epochs, Adam): float32 round-off grows with the steps
-    assert got["short"] <= (tol if dtype == "float64" else 1e-4)
-    assert got["loss_history"] <= (tol if dtype == "float64" else 1e-5)
+    assert got["short"] <= tol and got["loss_history"] <= tol  # 3 epochs of Adam
 
 
 @pytest.mark.parametrize("weights", ["plain", "weights"])
@@ -375,10 +374,14 @@ def test_consistent_process_flags_pass():
 def test_collective_bytes_reads_hlo_text():
     text = ("  %all-reduce.8 = (f32[8,16]{1,0}, f32[16]{0}) all-reduce(%a, %b), channel_id=4\n"
             "  %ag = bf16[4,1024]{1,0} all-gather(%c), dimensions={0}\n"
-            "  %x = f32[2]{0} add(%d, %e)\n")
+            "  %x = f32[2]{0} add(%d, %e)\n"
+            "  %ars = f64[10]{0} all-reduce-start(%f), channel_id=5\n"
+            "  %ard = f64[10]{0} all-reduce-done(%ars)\n"
+            "  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%g), dimensions={0}\n"
+            "  %agd = f32[8,8]{1,0} all-gather-done(%ags)\n")
     assert parallel.collective_bytes(text) == {
-        "all-reduce": {"count": 1, "bytes": 4 * (8 * 16 + 16)},
-        "all-gather": {"count": 1, "bytes": 2 * 4 * 1024}}
+        "all-reduce": {"count": 2, "bytes": 4 * (8 * 16 + 16) + 8 * 10},
+        "all-gather": {"count": 2, "bytes": 2 * 4 * 1024 + 4 * 64}}
 
 
 # ---------------------------------------------------------------------------- two processes
@@ -431,10 +434,28 @@ PAIR = COMMON + textwrap.dedent("""
 """)
 
 
+class Watch(threading.Thread):
+    """Waits (at most ``limit`` s) for a process to end, reading its output, and notes when."""
+
+    def __init__(self, proc, limit):
+        super().__init__(daemon=True)
+        self.proc, self.limit = proc, limit
+        self.ended = self.stdout = self.stderr = None
+        self.start()
+
+    def run(self):
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=self.limit)
+            self.ended = time.time()
+        except subprocess.TimeoutExpired:
+            pass
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Run :data:`PAIR` as 2 processes × 2 host devices, then kill process 1 with SIGKILL
-    and time how long process 0 takes to stop."""
+    """Run :data:`PAIR` as 2 processes × 2 host devices; once both have reported, kill
+    process 1 with SIGKILL and watch process 0 in the background (the tests in between use
+    the heartbeat timeout's wait; the last test of this file collects the outcome)."""
     tmp = tmp_path_factory.mktemp("pair")
     (tmp / "pair.py").write_text(PAIR)
     port = free_port()
@@ -455,13 +476,7 @@ def pair(tmp_path_factory):
         results = [json.loads((tmp / f"out{i}.json").read_text()) for i in range(2)]
         killed = time.time()
         os.kill(procs[1].pid, signal.SIGKILL)
-        try:
-            procs[0].wait(timeout=HEARTBEAT + 50)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process 0 still runs {HEARTBEAT + 50} s after process 1 was killed")
-        stopped = time.time() - killed
-        return {"results": results, "stopped_after": stopped, "returncode": procs[0].returncode,
-                "stdout": procs[0].stdout.read(), "stderr": procs[0].stderr.read()}
+        yield {"results": results, "killed": killed, "watch": Watch(procs[0], HEARTBEAT + 50)}
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -483,13 +498,6 @@ def test_only_process_zero_writes_the_checkpoint(pair):
     first, second = pair["results"]
     assert first["wrote_checkpoint"] and not second["wrote_checkpoint"]
     assert first["checkpoint"] <= 1e-12  # gathered from both processes' shards
-
-
-def test_a_killed_process_stops_the_other_with_an_error(pair):
-    assert pair["returncode"] != 0
-    assert "NOT STOPPED" not in pair["stdout"]
-    assert pair["stopped_after"] <= HEARTBEAT + 30
-    assert "stopped sending heartbeats" in pair["stderr"] or "another task died" in pair["stderr"]
 
 
 # ---------------------------------------------------------------------------- launch_local.sh
@@ -543,37 +551,46 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-# ---------------------------------------------------------------------------- the README
+# ---------------------------------------------------------------------------- the docs
 
-def test_readme_multi_device_example_runs(tmp_path_factory, tmp_path):
-    """The README's 8-device example (a bash block: test_readme.py runs python blocks in a
-    process that has one device) runs as written, with this interpreter for .venv's."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Scaling out"):]
-    block = re.search(r"```bash\n(XLA_FLAGS=.*?\nEOF\n)```", section, re.S).group(1)
-    env = os.environ | {"PYTHONPATH": script_env(1)["PYTHONPATH"],
-                        "JBP_CACHE": str(tmp_path_factory.getbasetemp() / "jbp-cache")}
-    done = subprocess.run(["bash", "-c", block.replace(".venv/bin/python", sys.executable)],
-                          capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert re.fullmatch(r"8 devices, test accuracy 0\.\d+\n", done.stdout), done.stdout
-
-
-def test_docs_scaling_examples_run_on_eight_devices(tmp_path):
-    """docs/scaling.md's python blocks (test_readme.py runs them on one device) run in
-    order on 8 host devices too, and their results live on all 8."""
-    text = (ROOT / "docs" / "scaling.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 3
+def test_readme_and_docs_multi_device_examples_run_on_eight_devices(tmp_path_factory, tmp_path):
+    """The README's 8-device example (a bash block, since test_readme.py runs python blocks
+    in a process with one device) runs as written, with this interpreter for .venv's; then
+    docs/scaling.md's python blocks run in order on 8 host devices, and their results live
+    on all 8. One process for both: each JAX start costs seconds here."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Scaling out"):]
+    block = re.search(r"```bash\n(XLA_FLAGS=.*?) - <<'EOF'\n(.*?)\nEOF\n```", section, re.S)
+    assert block.group(1) == "XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python"
+    docs = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
+    assert len(docs) == 3
     check = textwrap.dedent("""
         assert jax.device_count() == 8
         assert len(params[0]["W"].sharding.device_set) == 8  # fit's params, on the mesh
         assert norms.shape == (64,) and len(norms.sharding.device_set) == 8
         assert clipped[0]["W"].sharding.is_fully_replicated
-        print("ok")
+        print("docs ok")
     """)
-    (tmp_path / "docs.py").write_text("\n".join(blocks) + check)
-    done = subprocess.run([sys.executable, str(tmp_path / "docs.py")], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=script_env(8), cwd=tmp_path)
+    script = tmp_path / "examples.py"
+    script.write_text(block.group(2) + "\n" + "\n".join(docs) + check)
+    env = script_env(8) | {"JBP_CACHE": str(tmp_path_factory.getbasetemp() / "jbp-cache")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == "ok\n"
+    assert re.fullmatch(r"8 devices, test accuracy 0\.\d+\ndocs ok\n", done.stdout), done.stdout
+
+
+# ---------------------------------------------------------------------------- last: the kill
+
+def test_a_killed_process_stops_the_other_with_an_error(pair):
+    """Last in the file: the tests above ran while process 0 waited for the heartbeat
+    timeout after process 1 was killed."""
+    watch = pair["watch"]
+    watch.join()
+    if watch.ended is None:
+        pytest.fail(f"process 0 still runs {HEARTBEAT + 50} s after process 1 was killed")
+    assert watch.proc.returncode != 0
+    assert "NOT STOPPED" not in watch.stdout
+    assert watch.ended - pair["killed"] <= HEARTBEAT + 30
+    assert ("stopped sending heartbeats" in watch.stderr
+            or "another task died" in watch.stderr), watch.stderr[-3000:]
