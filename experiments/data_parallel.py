@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp import bench, distributed, parallel
+from jbp import bench, data_parallel, distributed
 from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
@@ -108,8 +108,8 @@ def parse_args(argv=None):
 def max_rel(a, b) -> float:
     """Max over leaves of ‖a − b‖/‖b‖ (float64, on the host)."""
     errs = []
-    for p, q in zip(jax.tree_util.tree_leaves(parallel.gather(a)),
-                    jax.tree_util.tree_leaves(parallel.gather(b)), strict=True):
+    for p, q in zip(jax.tree_util.tree_leaves(data_parallel.gather(a)),
+                    jax.tree_util.tree_leaves(data_parallel.gather(b)), strict=True):
         p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
         errs.append(float(np.linalg.norm(p - q) / max(np.linalg.norm(q), 1e-300)))
     return max(errs)
@@ -122,13 +122,13 @@ def step_times(model, loss, params, optimizer, mesh, data, batch_size, rounds):
     idx = np.arange(batch_size)
     thunks = {}
     for grad in GRADS:
-        dp = parallel.DataParallel(model, loss, grad, optimizer, mesh, False, data.x_train,
+        dp = data_parallel.DataParallel(model, loss, grad, optimizer, mesh, False, data.x_train,
                                    data.y_train)
         p, s = dp.place(params), dp.place(optimizer.init(params))
         xb, yb = dp._global(idx, 0)
         key = jax.random.key(0)
         text = dp.step.lower(p, s, xb, yb, key).compile().as_text()
-        out[grad] = {"collectives": parallel.collective_bytes(text)}
+        out[grad] = {"collectives": data_parallel.collective_bytes(text)}
         thunks[grad] = (lambda dp=dp, p=p, s=s, xb=xb, yb=yb, key=key:
                         dp.step(p, s, xb, yb, key))
     times = bench.interleaved_times(thunks, rounds, warmup=2, swap=[GRADS])
@@ -159,13 +159,13 @@ def run_worker(args) -> dict:
 
     runs = {}
     for name, where in (("single", None), ("mesh", mesh)):
-        snapshots = [parallel.gather(params)]
+        snapshots = [data_parallel.gather(params)]
         start = time.perf_counter()
         final, history = jbp.fit(model, loss, params, data, key=jax.random.key(args.seed + 1),
                                  optimizer=optimizer, epochs=args.epochs,
                                  batch_size=args.batch_size, grad="manual", mesh=where,
                                  progress=main and not args.quick,
-                                 on_epoch=lambda e, p, h: snapshots.append(parallel.gather(p)))
+                                 on_epoch=lambda e, p, h: snapshots.append(data_parallel.gather(p)))
         runs[name] = {"params": final, "history": history, "snapshots": snapshots,
                       "seconds": time.perf_counter() - start}
     loss_single = np.array(runs["single"]["history"]["loss"])
@@ -179,7 +179,7 @@ def run_worker(args) -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     return {
         "label": label, "devices": len(devices), "processes": jax.process_count(),
-        "n_params": n_params, "grad_bytes": parallel.tree_bytes(params),
+        "n_params": n_params, "grad_bytes": data_parallel.tree_bytes(params),
         "max_rel_param_diff": max_rel(runs["mesh"]["params"], runs["single"]["params"]),
         "param_rel_diff_per_epoch": [max_rel(a, b) for a, b in zip(
             runs["mesh"]["snapshots"], runs["single"]["snapshots"], strict=True)],

@@ -16,7 +16,7 @@ forward is also differentiated by ``jax.grad``. Both gradients share one signatu
 True
 """
 
-from jbp import activations, checkpoint, data, distributed, losses, parallel
+from jbp import activations, checkpoint, data, losses
 from jbp.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
 from jbp.bridge import as_custom_vjp
@@ -31,17 +31,18 @@ from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.maxout import maxout
-from jbp.parallel import data_mesh, data_parallel_value_and_grad
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.serial import mlp, serial
 from jbp.train import fit
+from jbp import data_parallel, distributed
+from jbp.data_parallel import data_mesh, data_parallel_value_and_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     # modules
-    "activations", "checkpoint", "data", "distributed", "losses", "parallel",
+    "activations", "checkpoint", "data", "losses",
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "elementwise",
@@ -51,9 +52,9 @@ __all__ = [
     "numerical_value_and_grad", "finite_difference_grad", "compare_grads", "GradComparison",
     # training
     "fit",
-    # data parallelism over devices and hosts
-    "data_mesh", "data_parallel_value_and_grad",
     # beyond the gradient
     "as_custom_vjp", "per_example_grads", "per_example_grad_norms", "per_example_grad_variance",
     "clipped_grad_mean", "hvp", "ggn_diagonal",
+    # data parallelism over devices and hosts
+    "data_parallel", "distributed", "data_mesh", "data_parallel_value_and_grad",
 ]

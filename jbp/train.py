@@ -11,7 +11,7 @@ epoch (``loop="scan"``, the default, faster on a 2-core CPU) or as a Python loop
 jitted step (``loop="python"``). The same key gives bit-identical params on the same
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
 Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows. With a
-``mesh`` the same step runs data-parallel (:mod:`jbp.parallel`).
+``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`).
 """
 
 import functools
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jbp import checkpoint, parallel
+from jbp import checkpoint, data_parallel
 from jbp.data import Dataset
 from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
                             make_evaluator)
@@ -387,11 +387,11 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     if batch_size > n:
         raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
     shard_params = _bool(shard_params, "shard_params")
-    mesh = parallel.as_mesh(mesh, "fit")
+    mesh = data_parallel.as_mesh(mesh, "fit")
     if mesh is None and shard_params:
         raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
     if mesh is not None:
-        parallel.check_batch(batch_size, mesh, "fit")
+        data_parallel.check_batch(batch_size, mesh, "fit")
     steps_per_epoch = n // batch_size
     if steps is not None:
         total_steps = _positive_int(steps, "steps")
@@ -421,13 +421,13 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
 
     dp = None
     if mesh is not None:
-        dp = parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
+        dp = data_parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
         dp.agree(step, ck_path)
         params, opt_state = dp.place(params), dp.place(opt_state)
     evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
 
     def record_eval(epoch):
-        on_host = params if dp is None else parallel.gather(params)
+        on_host = params if dp is None else data_parallel.gather(params)
         history["eval"].append({"epoch": epoch, "step": step, **evaluate(on_host)})
 
     if step == 0:
@@ -464,7 +464,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             if ck_path is not None:
                 tree = _checkpoint_tree(params, opt_state, step, key)
                 if dp is not None:
-                    tree = parallel.gather(tree)  # a collective: every process takes part
+                    tree = data_parallel.gather(tree)  # a collective: every process takes part
                 if dp is None or dp.is_main:
                     checkpoint.save(ck_path, tree, meta={"config": config,
                                                          "optimizer": described,

@@ -27,7 +27,7 @@ import pytest
 from jax.sharding import AxisType
 
 import jbp
-from jbp import distributed, parallel
+from jbp import data_parallel, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds any subprocess may take before the test fails
@@ -41,7 +41,7 @@ COMMON = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     from jax.sharding import NamedSharding, PartitionSpec as P
     import jbp
-    from jbp import parallel
+    from jbp import data_parallel
 
     LOSS = jbp.losses.softmax_cross_entropy
 
@@ -204,13 +204,13 @@ EIGHT = COMMON + textwrap.dedent("""
     x, y = blobs(32, "float32")
     sharded = NamedSharding(mesh_of[8], P("data"))
     xs, ys = jax.device_put(x, sharded), jax.device_put(y, sharded)
-    out["hlo"] = {"grad_bytes": parallel.tree_bytes(params)}
+    out["hlo"] = {"grad_bytes": data_parallel.tree_bytes(params)}
     for name, fn, args in (
             ("gspmd", jbp.manual_value_and_grad(model, LOSS), (params, xs, ys)),
             ("shard_map", jbp.data_parallel_value_and_grad(model, LOSS, mesh_of[8]),
              (params, x, y))):
         text = jax.jit(fn).lower(*args).compile().as_text()
-        out["hlo"][name] = parallel.collective_bytes(text)
+        out["hlo"][name] = data_parallel.collective_bytes(text)
 
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
@@ -379,7 +379,7 @@ def test_collective_bytes_reads_hlo_text():
             "  %ard = f64[10]{0} all-reduce-done(%ars)\n"
             "  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%g), dimensions={0}\n"
             "  %agd = f32[8,8]{1,0} all-gather-done(%ags)\n")
-    assert parallel.collective_bytes(text) == {
+    assert data_parallel.collective_bytes(text) == {
         "all-reduce": {"count": 2, "bytes": 4 * (8 * 16 + 16) + 8 * 10},
         "all-gather": {"count": 2, "bytes": 2 * 4 * 1024 + 4 * 64}}
 
@@ -406,7 +406,7 @@ PAIR = COMMON + textwrap.dedent("""
         ck = f"{tmp}/ck{pid}"
         got, _ = fit(model, params, data, epochs=3, mesh="auto", shard_params=True,
                      checkpoint_dir=ck)
-        out["shard_params"] = rel(parallel.gather(got), ref)
+        out["shard_params"] = rel(data_parallel.gather(got), ref)
         out["wrote_checkpoint"] = os.path.exists(f"{ck}/checkpoint.npz")
         if out["wrote_checkpoint"]:
             import optax

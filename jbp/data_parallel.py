@@ -25,6 +25,7 @@ arrays to the host of every process (for evaluation and checkpoints).
 
 import functools
 import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
