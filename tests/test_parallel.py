@@ -86,22 +86,26 @@ EIGHT = COMMON + textwrap.dedent("""
     out = {"devices": jax.device_count()}
     mesh_of = {d: jbp.data_mesh(jax.devices()[:d]) for d in (1, 2, 4, 8)}
 
-    # 1. fit, one step and a short run (3 epochs), against mesh=None (a Python loop over
-    #    the jitted step: both runs share its compile; the scan is used further down)
+    # 1. fit against mesh=None: the whole data (96 rows) is one batch, so every epoch is
+    #    one step: the params after epoch 1 are those of one step, after epoch 6 a short run
     out["fit"] = {}
     for dtype in ("float64", "float32"):
         model, params = model_and_params(dtype)
         data = blobs(96, dtype)
         for grad in ("manual", "autodiff"):
-            one_ref, _ = fit(model, params, data, steps=1, loop="python", grad=grad)
-            ref, h_ref = fit(model, params, data, epochs=3, loop="python", grad=grad)
-            for d, mesh in mesh_of.items():
-                one, _ = fit(model, params, data, steps=1, loop="python", grad=grad, mesh=mesh)
-                short, h = fit(model, params, data, epochs=3, loop="python", grad=grad, mesh=mesh)
+            runs = {}
+            for d, mesh in [(None, None), *mesh_of.items()]:
+                first = []
+                final, h = fit(model, params, data, epochs=6, batch_size=96, grad=grad,
+                               mesh=mesh, on_epoch=lambda e, p, h: first.append(p) if e == 1
+                               else None)
+                runs[d] = (first[0], final, h)
+            one_ref, ref, h_ref = runs.pop(None)
+            for d, (one, short, h) in runs.items():
                 out["fit"][f"{dtype} {grad} {d}"] = {
                     "one_step": rel(one, one_ref), "short": rel(short, ref),
                     "loss_history": rel_hist(h, h_ref), "moved": max_abs(short, params),
-                    "devices": len(short[0]["W"].sharding.device_set)}
+                    "steps": len(h["loss"]), "devices": len(short[0]["W"].sharding.device_set)}
 
     # 2. explicit (shard_map) vs automatic (GSPMD) vs one device: float64, labels padded
     #    unevenly over the shards, with and without example weights
@@ -176,6 +180,40 @@ EIGHT = COMMON + textwrap.dedent("""
         out["per_example"][name] = {
             "rel": rel(got, want),
             "devices": max(len(a.sharding.device_set) for a in jax.tree_util.tree_leaves(got))}
+    # ... and shard by shard with shard_map, as docs/scaling.md shows
+    rows = (P(), P("data"), P("data"))
+    clip = jbp.clipped_grad_mean(model, LOSS, 0.5)
+
+    def clipped_on_shard(params, x, y):
+        grads, norms = clip(params, x, y)
+        return jax.lax.pmean(grads, "data"), norms
+
+    for name, fn, specs in (
+            ("per_example_grads", jbp.per_example_grads(model, LOSS), P("data")),
+            ("per_example_grad_norms", jbp.per_example_grad_norms(model, LOSS), P("data")),
+            ("clipped_grad_mean", clipped_on_shard, (P(), P("data")))):
+        got = jax.jit(jax.shard_map(fn, mesh=mesh_of[8], in_specs=rows, out_specs=specs))(
+            params, x, y)
+        want = jax.jit(clip if name == "clipped_grad_mean" else fn)(params, x, y)
+        out["per_example"][name + " shard_map"] = {
+            "rel": rel(got, want),
+            "devices": max(len(a.sharding.device_set) for a in jax.tree_util.tree_leaves(got))}
+
+    # XLA's partitioning of a convolution grouped by example (feature_group_count = B, as a
+    # per-example convolution rule has it), for docs/scaling.md's warning
+    from jax import lax
+    a, d = np.random.default_rng(1).normal(size=(16, 12, 1)), np.random.default_rng(2).normal(
+        size=(16, 10, 4))
+
+    def grouped(a, d):
+        d_ex = jnp.moveaxis(d, 0, -2).reshape(10, 1, 16 * 4)
+        return lax.conv_general_dilated(a, d_ex, (1,), [(0, 0)], feature_group_count=16,
+                                        dimension_numbers=("CWN", "WIO", "WNC"))
+
+    whole = jax.jit(grouped)(a, d)
+    split = jax.jit(grouped)(jax.device_put(a, sharded), jax.device_put(d, sharded))
+    out["grouped_conv_error"] = float(np.max(np.abs(np.asarray(split) - np.asarray(whole)))
+                                      / np.max(np.abs(np.asarray(whole))))
 
     # 6. dropout: the masks of the global batch do not depend on how it is sharded
     model, params = model_and_params("float64", dropout=True)
@@ -254,9 +292,9 @@ def test_eight_host_devices_exist(eight):
 def test_fit_on_n_devices_gives_the_single_device_params(eight, dtype, tol, grad, devices):
     got = eight["fit"][f"{dtype} {grad} {devices}"]
     assert got["devices"] == devices  # the params really live on that many devices
-    assert got["moved"] > 1e-3  # and training moved them (Adam, 9 steps of 1e-3)
+    assert got["moved"] > 1e-3 and got["steps"] == 6  # training moved them (Adam, 1e-3)
     assert got["one_step"] <= tol
-    assert got["short"] <= tol and got["loss_history"] <= tol  # 3 epochs of Adam
+    assert got["short"] <= tol and got["loss_history"] <= tol  # 6 steps
 
 
 @pytest.mark.parametrize("weights", ["plain", "weights"])
@@ -291,11 +329,21 @@ def test_a_checkpoint_from_four_devices_resumes_on_fewer(eight, where):
 
 
 @pytest.mark.parametrize("name", ["per_example_grads", "per_example_grad_norms",
-                                  "per_example_grad_variance", "clipped_grad_mean"])
+                                  "per_example_grad_variance", "clipped_grad_mean",
+                                  "per_example_grads shard_map",
+                                  "per_example_grad_norms shard_map",
+                                  "clipped_grad_mean shard_map"])
 def test_per_example_functions_under_the_mesh(eight, name):
     got = eight["per_example"][name]
     assert got["rel"] <= 1e-12
     assert got["devices"] == 8
+
+
+@pytest.mark.xfail(strict=True, reason="jax 0.10.2 / XLA CPU partitions a convolution "
+                   "grouped by example (feature_group_count = B) over a sharded batch wrongly; "
+                   "when this passes, XLA is fixed: drop the warning in docs/scaling.md")
+def test_xla_partitions_a_convolution_grouped_by_example(eight):
+    assert eight["grouped_conv_error"] <= 1e-12
 
 
 def test_dropout_masks_do_not_depend_on_the_sharding(eight):
@@ -563,12 +611,17 @@ def test_readme_and_docs_multi_device_examples_run_on_eight_devices(tmp_path_fac
     block = re.search(r"```bash\n(XLA_FLAGS=.*?) - <<'EOF'\n(.*?)\nEOF\n```", section, re.S)
     assert block.group(1) == "XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python"
     docs = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
-    assert len(docs) == 3
+    assert len(docs) == 4
     check = textwrap.dedent("""
+        import numpy as np
         assert jax.device_count() == 8
         assert len(params[0]["W"].sharding.device_set) == 8  # fit's params, on the mesh
         assert norms.shape == (64,) and len(norms.sharding.device_set) == 8
+        np.testing.assert_allclose(norms, norms_fn(params, x[:64], y[:64]), rtol=1e-5)
+        np.testing.assert_allclose(norms_gspmd, norms, rtol=1e-5)
         assert clipped[0]["W"].sharding.is_fully_replicated
+        np.testing.assert_allclose(clipped[0]["W"], clip_fn(params, x[:64], y[:64])[0][0]["W"],
+                                   rtol=1e-5, atol=1e-7)
         print("docs ok")
     """)
     script = tmp_path / "examples.py"
