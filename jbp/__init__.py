@@ -41,6 +41,8 @@ from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_exam
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
 from jbp.train import fit
+from jbp import data_parallel, distributed
+from jbp.data_parallel import data_mesh, data_parallel_value_and_grad
 
 __version__ = "0.1.0"
 
@@ -61,4 +63,6 @@ __all__ = [
     # beyond the gradient
     "as_custom_vjp", "per_example_grads", "per_example_grad_norms", "per_example_grad_variance",
     "clipped_grad_mean", "hvp", "ggn_diagonal",
+    # data parallelism over devices and hosts
+    "data_parallel", "distributed", "data_mesh", "data_parallel_value_and_grad",
 ]

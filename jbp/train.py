@@ -13,7 +13,8 @@ models with convolutions on the CPU, where XLA's convolutions inside ``lax.scan`
 slower than in the jitted step on its own (``scripts/time_fit_loop.py --cnn 32``; see
 docs/training.md), and scan otherwise. The same key gives bit-identical params on the same
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
-Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows.
+Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows. With a
+``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`).
 """
 
 import functools
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jbp import checkpoint
+from jbp import checkpoint, data_parallel
 from jbp.data import Dataset
 from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
                             make_evaluator)
@@ -301,7 +302,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         epochs: int | None = None, steps: int | None = None, batch_size: int = 128,
         grad="manual", eval_data=None, eval_batch_size: int = 1024, checkpoint_dir=None,
         resume: bool = False, overwrite: bool = False, stop_on_nonfinite: bool = True,
-        loop: str = "auto", progress: bool = True, on_epoch=None):
+        loop: str = "auto", progress: bool = True, on_epoch=None, mesh=None,
+        shard_params: bool = False):
     """Train ``params`` of ``model`` on ``loss`` by minibatch gradient descent.
 
     Args:
@@ -342,6 +344,18 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       progress: show a tqdm bar with the current loss.
       on_epoch: called as ``on_epoch(epoch, params, history)`` after every epoch (after
         its evaluation and checkpoint), e.g. to keep snapshots of the params.
+      mesh: None (one device, as always), ``"auto"`` (every device on one ``"data"`` axis)
+        or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel training. Every
+        batch is split over the data axis (``batch_size`` must divide its size), params
+        and optimizer state are replicated, XLA all-reduces the gradients; the result is
+        the single-device one up to the order of float sums. In a multi-process run
+        (:mod:`jbp.distributed`) every process calls ``fit`` alike, feeds only its own
+        devices' rows, and only process 0 shows progress and writes the checkpoint (so
+        ``checkpoint_dir`` must be a folder every process sees). Evaluation runs on a host
+        copy of the params in every process. The params come back on the mesh.
+      shard_params: with a mesh, shard params and optimizer state over the data axis too
+        (ZeRO/FSDP style: each leaf along its largest dimension the axis size divides);
+        XLA gathers them where the step needs them.
 
     Returns:
       ``(params, history)``; ``history["loss"]`` holds the minibatch loss of every step,
@@ -385,6 +399,12 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     n = len(x)
     if batch_size > n:
         raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
+    shard_params = _bool(shard_params, "shard_params")
+    mesh = data_parallel.as_mesh(mesh, "fit")
+    if mesh is None and shard_params:
+        raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
+    if mesh is not None:
+        data_parallel.check_batch(batch_size, mesh, "fit")
     steps_per_epoch = n // batch_size
     if steps is not None:
         total_steps = _positive_int(steps, "steps")
@@ -412,21 +432,31 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
                                  f"steps ({_epochs(total_steps, steps_per_epoch)}). epochs/"
                                  f"steps count the whole run, the checkpoint's steps included")
 
+    dp = None
+    if mesh is not None:
+        dp = data_parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
+        dp.agree(step, ck_path)
+        params, opt_state = dp.place(params), dp.place(opt_state)
     evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
 
     def record_eval(epoch):
-        history["eval"].append({"epoch": epoch, "step": step, **evaluate(params)})
+        on_host = params if dp is None else data_parallel.gather(params)
+        history["eval"].append({"epoch": epoch, "step": step, **evaluate(on_host)})
 
     if step == 0:
         record_eval(0)
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
+    bar = tqdm(total=total_steps, initial=step, unit="step",
+               disable=not progress or (dp is not None and not dp.is_main),
                dynamic_ncols=True, leave=False)
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
             n_steps = min(steps_per_epoch, total_steps - step)
             batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
-            if loop == "scan":
+            if dp is not None:
+                params, opt_state, values = dp.run_epoch(params, opt_state, batches, keys,
+                                                         loop, bar)
+            elif loop == "scan":
                 params, opt_state, values = fns.epoch(params, opt_state, x, y, batches, keys)
                 bar.update(n_steps)
             else:
@@ -445,9 +475,13 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
             record_eval(epoch + 1)
             if ck_path is not None:
-                checkpoint.save(ck_path, _checkpoint_tree(params, opt_state, step, key),
-                                meta={"config": config, "optimizer": described,
-                                      "history": history})
+                tree = _checkpoint_tree(params, opt_state, step, key)
+                if dp is not None:
+                    tree = data_parallel.gather(tree)  # a collective: every process takes part
+                if dp is None or dp.is_main:
+                    checkpoint.save(ck_path, tree, meta={"config": config,
+                                                         "optimizer": described,
+                                                         "history": history})
             if on_epoch is not None:
                 on_epoch(epoch + 1, params, history)
     finally:

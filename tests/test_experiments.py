@@ -127,8 +127,27 @@ def test_dp_sgd_quick(tmp_path, env):
     assert_png(tmp_path / "accuracy.png")
 
 
+def test_data_parallel_quick(tmp_path, env):
+    # a driver that runs 2 host devices and 2 processes x 1 device as child processes
+    results, stdout = run_quick("data_parallel.py", tmp_path, env)
+    runs = results["runs"]
+    assert [(r["devices"], r["processes"]) for r in runs] == [(2, 1), (2, 2)]
+    for r in runs:
+        assert r["max_rel_param_diff"] < 1e-5 and r["max_rel_loss_diff"] < 1e-5
+        assert len(r["history"]["mesh"]) == results["config"]["epochs"] + 1
+        assert len(r["param_rel_diff_per_epoch"]) == results["config"]["epochs"] + 1
+        for grad in ("manual", "autodiff"):
+            assert r["step"][grad]["time"]["median"] > 0
+            # XLA all-reduces the gradients (and a few scalars) in every step
+            reduced = r["step"][grad]["collectives"]["all-reduce"]["bytes"]
+            assert r["grad_bytes"] <= reduced <= r["grad_bytes"] + 64
+    assert "2 processes x 1 device " in stdout
+    assert_png(tmp_path / "curves.png")
+    assert_png(tmp_path / "scaling.png")
+
+
 @pytest.mark.parametrize("name", ["compare_training", "depth", "vanishing_gradients",
-                                  "per_example", "dp_sgd"])
+                                  "per_example", "dp_sgd", "data_parallel"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
