@@ -51,7 +51,11 @@ COMMON = textwrap.dedent("""
         x = rng.normal(size=(3, 8))[y] * 2 + rng.normal(size=(n, 8))
         return x.astype(dtype), y
 
-    def model_and_params(dtype, dropout=False):
+    def model_and_params(dtype, dropout=False, cnn=False):
+        if cnn:  # input (8, 1): the blobs' 8 features as a signal of one channel
+            model = jbp.serial(jbp.conv(4, 3, dtype=dtype), jbp.relu(), jbp.global_avg_pool(),
+                               jbp.dense(3, dtype=dtype))
+            return model, model.init(jax.random.key(0), (8, 1))[1]
         if dropout:
             model = jbp.serial(jbp.dense(16, dtype=dtype), jbp.tanh(), jbp.dropout(0.5),
                                jbp.dense(3, dtype=dtype))
@@ -89,9 +93,11 @@ EIGHT = COMMON + textwrap.dedent("""
     # 1. fit against mesh=None: the whole data (96 rows) is one batch, so every epoch is
     #    one step: the params after epoch 1 are those of one step, after epoch 6 a short run
     out["fit"] = {}
-    for dtype in ("float64", "float32"):
-        model, params = model_and_params(dtype)
+    for dtype, cnn in (("float64", False), ("float32", False), ("float64", True)):
+        model, params = model_and_params(dtype, cnn=cnn)
         data = blobs(96, dtype)
+        if cnn:
+            data = (data[0].reshape(96, 8, 1), data[1])
         for grad in ("manual", "autodiff"):
             runs = {}
             for d, mesh in [(None, None), *mesh_of.items()]:
@@ -102,7 +108,7 @@ EIGHT = COMMON + textwrap.dedent("""
                 runs[d] = (first[0], final, h)
             one_ref, ref, h_ref = runs.pop(None)
             for d, (one, short, h) in runs.items():
-                out["fit"][f"{dtype} {grad} {d}"] = {
+                out["fit"][f"{'cnn ' * cnn}{dtype} {grad} {d}"] = {
                     "one_step": rel(one, one_ref), "short": rel(short, ref),
                     "loss_history": rel_hist(h, h_ref), "moved": max_abs(short, params),
                     "steps": len(h["loss"]), "devices": len(short[0]["W"].sharding.device_set)}
@@ -199,6 +205,22 @@ EIGHT = COMMON + textwrap.dedent("""
             "rel": rel(got, want),
             "devices": max(len(a.sharding.device_set) for a in jax.tree_util.tree_leaves(got))}
 
+    # the CNN's per-example norms and clipped mean, shard by shard (the form to trust)
+    cnn, cnn_params = model_and_params("float64", cnn=True)
+    xc = x.reshape(32, 8, 1)
+    for name, fn, specs in (
+            ("cnn per_example_grad_norms shard_map", jbp.per_example_grad_norms(cnn, LOSS),
+             P("data")),
+            ("cnn clipped_grad_mean shard_map", jbp.clipped_grad_mean(cnn, LOSS, 0.5),
+             (P(), P("data")))):
+        on_shard = fn if specs == P("data") else (
+            lambda p, x, y, fn=fn: (lambda g, n: (jax.lax.pmean(g, "data"), n))(*fn(p, x, y)))
+        got = jax.jit(jax.shard_map(on_shard, mesh=mesh_of[8], in_specs=rows,
+                                    out_specs=specs))(cnn_params, xc, y)
+        out["per_example"][name] = {
+            "rel": rel(got, jax.jit(fn)(cnn_params, xc, y)),
+            "devices": max(len(a.sharding.device_set) for a in jax.tree_util.tree_leaves(got))}
+
     # XLA's partitioning of a convolution grouped by example (feature_group_count = B, as a
     # per-example convolution rule has it), for docs/scaling.md's warning
     from jax import lax
@@ -286,10 +308,12 @@ def test_eight_host_devices_exist(eight):
     assert eight["devices"] == 8
 
 
-@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5),
+                                        ("cnn float64", 1e-12)])
 @pytest.mark.parametrize("grad", ["manual", "autodiff"])
 @pytest.mark.parametrize("devices", [1, 2, 4, 8])
 def test_fit_on_n_devices_gives_the_single_device_params(eight, dtype, tol, grad, devices):
+    """MLP in float64 and float32, CNN (conv, relu, global average pool, dense) in float64."""
     got = eight["fit"][f"{dtype} {grad} {devices}"]
     assert got["devices"] == devices  # the params really live on that many devices
     assert got["moved"] > 1e-3 and got["steps"] == 6  # training moved them (Adam, 1e-3)
@@ -332,7 +356,9 @@ def test_a_checkpoint_from_four_devices_resumes_on_fewer(eight, where):
                                   "per_example_grad_variance", "clipped_grad_mean",
                                   "per_example_grads shard_map",
                                   "per_example_grad_norms shard_map",
-                                  "clipped_grad_mean shard_map"])
+                                  "clipped_grad_mean shard_map",
+                                  "cnn per_example_grad_norms shard_map",
+                                  "cnn clipped_grad_mean shard_map"])
 def test_per_example_functions_under_the_mesh(eight, name):
     got = eight["per_example"][name]
     assert got["rel"] <= 1e-12
