@@ -13,9 +13,15 @@ interleaved (paired per-round ratio vmap_grad/manual), and records XLA's compile
 figures. The grid is a batch sweep at the largest width and a width sweep at the largest
 batch; the target point is batch 256, width 1024, depth 3: manual ≥ 10× faster.
 
+With ``--cnn`` the model is the MNIST-1D CNN instead (input (40, 1); ``depth`` convolutions
+of ``width`` channels, kernel 5, ReLU; a global average pool and a dense head) over a batch
+sweep: there the manual norms come from the convolution's per-example rule (BackPACK's
+Gram-matrix trick over unfolded inputs where it is cheaper than forming the gradients).
+
 Writes ``results.json`` and ``speedup.png``, ``memory.png`` into ``--out``.
 
     .venv/bin/python experiments/per_example.py --out runs/per_example
+    .venv/bin/python experiments/per_example.py --cnn --out runs/per_example_cnn
     .venv/bin/python experiments/per_example.py --quick --out /tmp/per_example
 """
 
@@ -34,11 +40,20 @@ from jbp.io import write_json
 N_CLASSES = 10
 FULL = {"batches": (16, 64, 256), "widths": (128, 256, 512, 1024), "depth": 3, "budget_s": 20.0}
 QUICK = {"batches": (4, 8), "widths": (8,), "depth": 1, "budget_s": 0.2}
+FULL_CNN = {"batches": (16, 64, 256), "widths": (32,), "depth": 4, "budget_s": 20.0}
+QUICK_CNN = {"batches": (4, 8), "widths": (4,), "depth": 1, "budget_s": 0.2}
+CNN_INPUT = (40, 1)  # an MNIST-1D signal: 40 steps of one channel
 TARGET = {"batch": 256, "width": 1024, "depth": 3, "speedup_min": 10.0}
 
 
-def model_for(width: int, depth: int):
-    return jbp.mlp([width] * (depth + 1) + [N_CLASSES], "relu")
+def model_for(width: int, depth: int, cnn: bool = False):
+    """``(model, per-example input shape)``: the MLP of the grid, or the MNIST-1D CNN."""
+    if not cnn:
+        return jbp.mlp([width] * (depth + 1) + [N_CLASSES], "relu"), (width,)
+    layers = []
+    for _ in range(depth):
+        layers += [jbp.conv(width, 5), jbp.relu()]
+    return jbp.serial(*layers, jbp.global_avg_pool(), jbp.dense(N_CLASSES)), CNN_INPUT
 
 
 def vmap_grad_norms(model, loss):
@@ -55,15 +70,15 @@ def vmap_grad_norms(model, loss):
     return norms
 
 
-def init_params(model, key, in_size):
+def init_params(model, key, in_shape):
     """``model.init`` jitted: one compile instead of one per eager random op."""
-    return jax.jit(lambda k: model.init(k, (in_size,))[1])(key)
+    return jax.jit(lambda k: model.init(k, in_shape)[1])(key)
 
 
-def data(key, batch, width, dtype=jnp.float32):
+def data(key, batch, in_shape, dtype=jnp.float32):
     def draw(key):
         kx, ky = jax.random.split(key)
-        return (jax.random.normal(kx, (batch, width), dtype),
+        return (jax.random.normal(kx, (batch, *in_shape), dtype),
                 jax.random.randint(ky, (batch,), 0, N_CLASSES))
 
     return jax.jit(draw)(key)
@@ -79,19 +94,19 @@ def float64_check(seed: int) -> float:
     loss = jbp.losses.softmax_cross_entropy
     with jax.enable_x64(True):
         model = jbp.mlp([20, 32, 32, N_CLASSES], "relu", dtype=jnp.float64)
-        params = init_params(model, jax.random.key(seed), 20)
-        x, y = data(jax.random.key(seed + 1), 16, 20, jnp.float64)
+        params = init_params(model, jax.random.key(seed), (20,))
+        x, y = data(jax.random.key(seed + 1), 16, (20,), jnp.float64)
         manual = jax.jit(jbp.per_example_grad_norms(model, loss))(params, x, y)
         ref = jax.jit(vmap_grad_norms(model, loss))(params, x, y)
         return max_rel_err(manual, ref)
 
 
-def run_point(batch, width, depth, seed, budget_s) -> dict:
+def run_point(batch, width, depth, seed, budget_s, cnn=False) -> dict:
     loss = jbp.losses.softmax_cross_entropy
-    model = model_for(width, depth)
+    model, in_shape = model_for(width, depth, cnn)
     k_init, k_data = jax.random.split(jax.random.fold_in(jax.random.key(seed), batch * 7919 + width))
-    params = init_params(model, k_init, width)
-    x, y = data(k_data, batch, width)
+    params = init_params(model, k_init, in_shape)
+    x, y = data(k_data, batch, in_shape)
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
     funcs = {"manual": jbp.per_example_grad_norms(model, loss),
              "vmap_grad": vmap_grad_norms(model, loss)}
@@ -152,28 +167,34 @@ def plot(points, cfg, out):
 
 def main(argv=None):
     parser = cli.experiment_parser(__doc__.split("\n\n")[0], "runs/per_example")
+    parser.add_argument("--cnn", action="store_true",
+                        help="the MNIST-1D CNN over a batch sweep instead of the MLP grid")
     args = parser.parse_args(argv)
     info = cli.start_device(args.platform)
-    cfg = QUICK if args.quick else FULL
+    cfg = {(False, False): FULL, (False, True): QUICK, (True, False): FULL_CNN,
+           (True, True): QUICK_CNN}[args.cnn, args.quick]
     grid = sorted({(b, max(cfg["widths"])) for b in cfg["batches"]}
                   | {(max(cfg["batches"]), w) for w in cfg["widths"]})
     start = time.perf_counter()
     f64_err = float64_check(args.seed)
-    points = [run_point(b, w, cfg["depth"], args.seed, cfg["budget_s"])
+    points = [run_point(b, w, cfg["depth"], args.seed, cfg["budget_s"], args.cnn)
               for b, w in tqdm(grid, desc="grid points", file=sys.stdout)]
 
     target_point = next((p for p in points if (p["batch"], p["width"], p["depth"]) ==
                          (TARGET["batch"], TARGET["width"], TARGET["depth"])), None)
     target = dict(TARGET)
-    if target_point is None:
-        target.update(measured=False, holds=None, note="target point not in this grid (--quick)")
+    if target_point is None or args.cnn:
+        target.update(measured=False, holds=None,
+                      note="target point not in this grid (--quick, or --cnn: it is an MLP)")
     else:
         speedup = target_point["speedup"]["median"]
         target.update(measured=True, speedup=speedup, holds=bool(speedup >= TARGET["speedup_min"]),
                       temp_bytes_ratio=target_point["temp_bytes_ratio"])
 
     results = {"experiment": "per_example", "device": info, "seed": args.seed,
-               "quick": args.quick, "config": {**cfg, "quick": args.quick, "seed": args.seed},
+               "quick": args.quick, "config": {**cfg, "quick": args.quick, "seed": args.seed,
+                                               "model": repr(model_for(*cfg["widths"][-1:],
+                                                                       cfg["depth"], args.cnn)[0])},
                "float64_max_rel_err": f64_err,
                "float32_max_rel_err": max(p["max_rel_err"] for p in points),
                "points": points, "target": target,

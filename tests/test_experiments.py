@@ -94,8 +94,10 @@ def load_script(name):
     return module
 
 
-def test_per_example_quick(tmp_path, env):
-    results, stdout = run_quick("per_example.py", tmp_path, env)
+@pytest.mark.parametrize("extra", [(), ("--cnn",)], ids=["mlp", "cnn"])
+def test_per_example_quick(tmp_path, env, extra):
+    results, stdout = run_quick("per_example.py", tmp_path, env, *extra)
+    assert ("conv" in results["config"]["model"]) == bool(extra)
     assert results["float64_max_rel_err"] <= 1e-10
     assert results["float32_max_rel_err"] <= 1e-4
     for point in results["points"]:
