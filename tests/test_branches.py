@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jbp
-from conftest import cast, rel_err
+from conftest import rel_err
+from reference_models import assert_three_witnesses_agree
 
 CE = jbp.losses.softmax_cross_entropy
 
@@ -39,15 +40,7 @@ def test_deep_branching_model_manual_equals_autodiff_equals_finite_differences()
         rng = np.random.default_rng(0)
         x, y = jnp.asarray(rng.normal(size=(5, 4))), jnp.array([0, 1, 2, 1, 0])
 
-        @jax.jit
-        def three(params):
-            return (jbp.backprop(model, CE, params, x, y),
-                    jbp.autodiff_value_and_grad(model, CE)(params, x, y),
-                    jbp.numerical_value_and_grad(model, CE)(params, x, y)[1])
-
-        (value, grads, deltas), (auto_value, auto), fd = three(params)
-        assert abs(value - auto_value) <= 1e-12 * abs(value)
-        assert rel_err(grads, auto) <= 1e-12 and rel_err(grads, fd) <= 1e-6
+        deltas = assert_three_witnesses_agree(model, CE, params, x, y)
         assert len(deltas) == len(model.layers)
 
 
