@@ -113,7 +113,7 @@ def _factor_for(loss: losses.Loss):
     per_example = HESSIAN_FACTORS[loss]
 
     def factor(out, target, weights=None):
-        share = jnp.sqrt(losses._share(loss.weights(out, target, weights)))
+        share = jnp.sqrt(loss.shares(out, target, weights))
         return per_example(out, target) * share.reshape((1, -1) + (1,) * (out.ndim - 1))
 
     return factor

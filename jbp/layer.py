@@ -50,6 +50,12 @@ EXAMPLEWISE = "examplewise"
 """``per_example`` of a weightless layer that treats every example of a batch on its own."""
 
 
+def per_example_rows(a):
+    """``a (B, ..., n)`` as ``(B, T, n)``: example i's positions (every axis between the batch
+    and the last) in row block i; for a per-example rule of a layer on the last axis."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
 class PerExampleRule(NamedTuple):
     """Per-example gradients of a layer with parameters, from its cache and delta.
 

@@ -57,22 +57,21 @@ class Loss(NamedTuple):
             raise ValueError(f"{self.name}: weights must be non-negative")
         return w * weights.astype(out.dtype)
 
+    def shares(self, out, target, weights=None) -> jax.Array:
+        """Each example's share of the cost (B,): w_i / Σ_j w_j, all 0 if every weight is 0."""
+        w = self.weights(out, target, weights)
+        total = jnp.sum(w)
+        return w / jnp.where(total > 0, total, 1)
+
     def value(self, out, target, weights=None) -> jax.Array:
         """C = Σ_i w_i ℓ_i / Σ_i w_i (the mean over the batch for default weights)."""
-        share = _share(self.weights(out, target, weights))
-        return jnp.sum(share * self.per_example(out, target))
+        return jnp.sum(self.shares(out, target, weights) * self.per_example(out, target))
 
     def grad(self, out, target, weights=None) -> jax.Array:
         """∂C/∂out (shape and dtype of ``out``): row i is (w_i/Σw) ∂ℓ_i/∂out_i."""
-        share = _share(self.weights(out, target, weights))
+        share = self.shares(out, target, weights)
         g = self.per_example_grad(out, target) * share.reshape((-1,) + (1,) * (out.ndim - 1))
         return g.astype(out.dtype)
-
-
-def _share(w):
-    """``w / Σw``, with 0 where every weight is 0."""
-    total = jnp.sum(w)
-    return w / jnp.where(total > 0, total, 1)
 
 
 def _is_concrete(x) -> bool:

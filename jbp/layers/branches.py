@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
-from jbp.layers.serial import note_position
+from jbp.layers.serial import noting_position
 
 COMBINE = ("sum", "concat")
 
@@ -72,11 +72,8 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
         shape = as_shape(in_shape, name)
         shapes, params = [], []
         for i, (branch, k) in enumerate(zip(branches, jax.random.split(key, n))):
-            try:
+            with noting_position(i, branch, name, "init"):
                 out_shape, p = branch.init(k, shape)
-            except Exception as err:
-                note_position(err, i, branch, name, "init")
-                raise
             shapes.append(tuple(out_shape))
             params.append(p)
         heads = {s if combine == "sum" else s[:-1] for s in shapes}
@@ -97,11 +94,8 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
         keys = jax.random.split(key, n) if key is not None else [None] * n
         ys, caches = [], []
         for i, branch in enumerate(branches):
-            try:
+            with noting_position(i, branch, name, "forward"):
                 y, cache = branch.forward(params[i], x, key=keys[i], train=train)
-            except Exception as err:
-                note_position(err, i, branch, name, "forward")
-                raise
             ys.append(y)
             caches.append(cache)
         if combine == "sum":
@@ -119,11 +113,8 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
             slices = [dy[..., end - w:end] for w, end in zip(widths, ends)]
         results, dx = [None] * n, None
         for i, branch in enumerate(branches):
-            try:
+            with noting_position(i, branch, name, "backward"):
                 results[i], dx_i = visit(branch, params[i], caches[i], slices[i])
-            except Exception as err:
-                note_position(err, i, branch, name, "backward")
-                raise
             dx = dx_i if dx is None else dx + dx_i  # x feeds every branch: the deltas add up
         return tuple(results), dx
 

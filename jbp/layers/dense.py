@@ -12,7 +12,8 @@ backward sums ∂C/∂W and ∂C/∂b over every other axis.
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import Layer, PerExampleRule, as_shape, cast_like, check_array, constructor
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+                       per_example_rows)
 
 
 def _rows(a):
@@ -20,30 +21,26 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
-def _per_example_rows(a):
-    """``a (B, ..., n)`` as ``(B, T, n)``: example i's positions in row block i."""
-    return a.reshape(a.shape[0], -1, a.shape[-1])
-
-
 def _grads(a, delta):
-    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    a3, d3 = per_example_rows(a), per_example_rows(delta)
     return {"W": jnp.einsum("bti,bto->bio", a3, d3), "b": jnp.sum(d3, axis=1)}
 
 
+_FORMED = PerExampleRule(_grads)  # sums over the formed ∇ℓ_i
+
+
 def _sq_norms(a, delta):
-    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    a3, d3 = per_example_rows(a), per_example_rows(delta)
     if a3.shape[1] != 1:  # several positions per example: ∇ℓ_i is not rank one
-        g = _grads(a, delta)
-        return jnp.sum(g["W"] ** 2, axis=(1, 2)) + jnp.sum(g["b"] ** 2, axis=1)
+        return _FORMED.squared_norms(a, delta)
     a2, d2 = jnp.sum(a3[:, 0] ** 2, axis=1), jnp.sum(d3[:, 0] ** 2, axis=1)
     return a2 * d2 + d2  # ‖a_i δ_iᵀ‖²_F = ‖a_i‖²·‖δ_i‖², plus the bias' ‖δ_i‖²
 
 
 def _sum_sq(a, delta):
-    a3, d3 = _per_example_rows(a), _per_example_rows(delta)
+    a3, d3 = per_example_rows(a), per_example_rows(delta)
     if a3.shape[1] != 1:
-        g = _grads(a, delta)
-        return {"W": jnp.sum(g["W"] ** 2, axis=0), "b": jnp.sum(g["b"] ** 2, axis=0)}
+        return _FORMED.sum_of_squares(a, delta)
     a1, d1 = a3[:, 0], d3[:, 0]
     return {"W": (a1 * a1).T @ (d1 * d1), "b": jnp.sum(d1 * d1, axis=0)}
 

@@ -24,17 +24,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import Layer, PerExampleRule, as_shape, cast_like, check_array, constructor
-
-
-def _per_example_rows(a):
-    """``a (B, ..., n)`` as ``(B, T, n)``: example i's positions in row block i."""
-    return a.reshape(a.shape[0], -1, a.shape[-1])
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+                       per_example_rows)
 
 
 def _grads(cache, delta):
     x_hat, _ = cache
-    x3, d3 = _per_example_rows(x_hat), _per_example_rows(delta)
+    x3, d3 = per_example_rows(x_hat), per_example_rows(delta)
     return {"scale": jnp.sum(d3 * x3, axis=1), "offset": jnp.sum(d3, axis=1)}
 
 

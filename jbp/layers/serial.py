@@ -9,6 +9,7 @@ An error raised inside a layer keeps its type, message and traceback; a note say
 layer of which composite it came from.
 """
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -20,9 +21,15 @@ from jbp.layers.dense import dense
 from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
 
 
-def note_position(err: BaseException, i: int, layer: Layer, parent: str, stage: str) -> None:
-    """Add to ``err`` where it happened: ``in the forward of layer 2 (relu) of serial(...)``."""
-    err.add_note(f"in the {stage} of layer {i} ({layer.name}) of {parent}")
+@contextlib.contextmanager
+def noting_position(i: int, layer: Layer, parent: str, stage: str):
+    """Re-raise any error from the block with a note of where it happened: ``in the forward
+    of layer 2 (relu) of serial(...)`` (type, message and traceback stay the error's own)."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(f"in the {stage} of layer {i} ({layer.name}) of {parent}")
+        raise
 
 
 @constructor
@@ -40,11 +47,8 @@ def serial(*layers: Layer) -> Layer:
         shape = as_shape(in_shape, "serial")
         params = []
         for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, n))):
-            try:
+            with noting_position(i, layer, name, "init"):
                 shape, p = layer.init(k, shape)
-            except Exception as err:
-                note_position(err, i, layer, name, "init")
-                raise
             params.append(p)
         return shape, tuple(params)
 
@@ -60,11 +64,8 @@ def serial(*layers: Layer) -> Layer:
         keys = jax.random.split(key, n) if key is not None else [None] * n
         caches = []
         for i, layer in enumerate(layers):
-            try:
+            with noting_position(i, layer, name, "forward"):
                 x, cache = layer.forward(params[i], x, key=keys[i], train=train)
-            except Exception as err:
-                note_position(err, i, layer, name, "forward")
-                raise
             caches.append(cache)
         return x, tuple(caches)
 
@@ -72,11 +73,8 @@ def serial(*layers: Layer) -> Layer:
         check_params(params)
         results = [None] * n
         for i in reversed(range(n)):
-            try:
+            with noting_position(i, layers[i], name, "backward"):
                 results[i], dy = visit(layers[i], params[i], caches[i], dy)
-            except Exception as err:
-                note_position(err, i, layers[i], name, "backward")
-                raise
         return tuple(results), dy
 
     return Layer(name, init, forward, layers=tuple(layers), walk=walk, per_example=EXAMPLEWISE)
