@@ -127,10 +127,10 @@ def step_times(model, loss, params, optimizer, mesh, data, batch_size, rounds):
         p, s = dp.place(params), dp.place(optimizer.init(params))
         xb, yb = dp._global(idx, 0)
         key = jax.random.key(0)
-        text = dp.step.lower(p, s, xb, yb, key).compile().as_text()
+        text = dp.step.lower(p, s, {}, xb, yb, key).compile().as_text()
         out[grad] = {"collectives": data_parallel.collective_bytes(text)}
         thunks[grad] = (lambda dp=dp, p=p, s=s, xb=xb, yb=yb, key=key:
-                        dp.step(p, s, xb, yb, key))
+                        dp.step(p, s, {}, xb, yb, key))
     times = bench.interleaved_times(thunks, rounds, warmup=2, swap=[GRADS])
     for grad in GRADS:
         out[grad]["time"] = bench.summary(times[grad])

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.layer import Layer, check_like
+from jbp.layer import Layer, check_like, check_state, run
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def as_custom_vjp(model: Layer):
     Returns ``apply(params, x, *, key=None, train=False) -> y``: ``x (B, *in_shape)``,
     ``y (B, *out_shape)``, exactly ``model.apply``'s value. Under ``jax.grad``/``jax.vjp``
     the cotangent of ``y`` (shape and dtype of ``y``) goes through the hand-written
-    backward; ``key`` gets no cotangent. The raw rules are attached as ``apply.fwd(params,
+    backward; ``key`` gets no cotangent. A model that keeps state takes ``state=`` and
+    returns ``(y, new_state)``; the state gets a zero cotangent. The raw rules are attached as ``apply.fwd(params,
     x, key, train) -> (y, residuals)`` and ``apply.bwd(residuals, dy) -> (dparams, dx,
     None)``; ``bwd`` raises a ValueError for a cotangent whose shape or dtype is not ``y``'s,
     and for a backward whose gradients are not shaped like ``params`` and ``x``. An integer
@@ -71,15 +72,22 @@ def as_custom_vjp(model: Layer):
         raise TypeError(f"as_custom_vjp: model must be a jbp Layer, got {type(model).__name__}")
     who = f"as_custom_vjp({model.name})"
 
-    def fwd(params, x, key, train):
-        y, cache = model.forward(params, x, key=key, train=train)
+    def fwd(params, x, key, train, state=None):
+        y, cache, new_state = run(model, params, x, key=key, train=train, state=state)
         spec = _Static((jax.ShapeDtypeStruct(y.shape, y.dtype),
-                        jax.ShapeDtypeStruct(x.shape, x.dtype)))
-        return y, (params, _hide_static(cache), spec)
+                        jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                               state)))
+        return ((y, new_state) if model.stateful else y), (params, _hide_static(cache), spec)
 
     def bwd(residuals, dy):
         params, cache, spec = residuals
-        y_spec, x_spec = spec.value
+        y_spec, x_spec, state_spec = spec.value
+        if model.stateful:  # the new state is not differentiated: its cotangent goes nowhere
+            dy, _ = dy
+            none = (None, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec))
+        else:
+            none = (None,)
         if not hasattr(dy, "shape"):
             raise TypeError(f"{who}: the cotangent must be an array, got {type(dy).__name__}")
         if tuple(dy.shape) != tuple(y_spec.shape) or jnp.result_type(dy) != y_spec.dtype:
@@ -89,22 +97,23 @@ def as_custom_vjp(model: Layer):
         dparams, dx = model.backward(params, _unhide_static(cache), dy)
         check_like(who, "the backward's dparams", dparams, params)
         if not jnp.issubdtype(x_spec.dtype, jnp.inexact):  # integer input: no cotangent
-            return dparams, np.zeros(x_spec.shape, jax.dtypes.float0), None
+            return dparams, np.zeros(x_spec.shape, jax.dtypes.float0), *none
         check_like(who, "the backward's dx", dx, x_spec)
-        return dparams, dx, None
+        return dparams, dx, *none
 
     def make(train: bool):
         @jax.custom_vjp
-        def apply(params, x, key):
-            return model.apply(params, x, key=key, train=train)
+        def apply(params, x, key, *state):
+            return fwd(params, x, key, train, *state)[0]
 
-        apply.defvjp(lambda params, x, key: fwd(params, x, key, train), bwd)
+        apply.defvjp(lambda params, x, key, *state: fwd(params, x, key, train, *state), bwd)
         return apply
 
     rules = {False: make(False), True: make(True)}
 
-    def apply(params, x, *, key=None, train=False):
-        return rules[bool(train)](params, x, key)
+    def apply(params, x, *, key=None, train=False, state=None):
+        check_state(model, state)
+        return rules[bool(train)](params, x, key, *([state] if model.stateful else []))
 
     apply.fwd = fwd
     apply.bwd = bwd

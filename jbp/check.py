@@ -16,6 +16,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jbp.grads import _check
+from jbp.layer import run
 
 # Default relative tolerance of "agrees", by the dtype of the gradients compared.
 DEFAULT_RTOL = {np.dtype("float64"): 1e-12, np.dtype("float32"): 1e-5}
@@ -149,7 +150,7 @@ def numerical_value_and_grad(model, loss):
             y = jnp.asarray(y, jnp.float64)
 
         def cost(p):
-            return loss.value(model.apply(p, x, **kwargs), y)
+            return loss.value(run(model, p, x, **kwargs)[0], y)
 
         return cost(params), finite_difference_grad(cost, params)
 

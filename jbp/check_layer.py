@@ -22,6 +22,11 @@ int32, uniform in ``[low, high)``; the "zeros" case is then every entry ``low`` 
 must just have the input's shape, and "examples kept apart" is checked on the forward
 instead: row i of ``y`` is unchanged when every other row of the input is redrawn.
 
+A layer that keeps state (batch_norm) runs with its ``init_state``, drawn afresh (running
+mean N(0, 1), running variance in [0.5, 2]) so that evaluation mode is not the identity. In
+training mode such a layer normalises with batch statistics, which mix the examples: the
+batch of one and the per-example declaration are then not checked (the report says so).
+
 Every check is run and reported (a failing one does not hide the others); nothing raises
 for a wrong layer, so the report can be printed.
 
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp.check import DEFAULT_RTOL, GradComparison, compare_grads
-from jbp.layer import Layer, check_like
+from jbp.layer import Layer, check_like, run
 from jbp.per_example import trace
 
 # name -> (scale of N(0, 1) draws, batch size or None for the default); zeros hit the kinks.
@@ -160,9 +165,14 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, che
         checks.append(Check(f"{name}: init", False, _error(err)))
         return False
     params = _cast(params, dtype)
-    kw = {"key": key, "train": train}
     rng = np.random.default_rng(seed)
+    kw = {"key": key, "train": train, "state": _random_state(layer, in_shape, rng, dtype)}
+    mixes = layer.stateful and train
     for case, (scale, case_batch) in CASES.items():
+        if mixes and case_batch == 1:
+            checks.append(Check(f"{name} {case}", True, "not checked: training mode of a layer "
+                                "with state needs batch statistics of more than one example"))
+            continue
         b = case_batch or batch
         x = _inputs(rng, (b, *in_shape), dtype, case, int_range)
         dy = jnp.asarray(rng.normal(size=(b, *out_shape)), dtype)
@@ -180,10 +190,24 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, che
         checks.append(Check(f"{what}: backward vs jax.vjp", comparison.ok,
                             f"max rel err {comparison.max_rel:.1e} over {len(comparison.leaves)} "
                             f"leaves of {compared}", comparison))
-        if case == "random":
+        if case == "random" and mixes:
+            checks.append(Check(f"{what}: per-example declaration", True, "not checked: in "
+                                "training mode batch statistics mix the examples"))
+        elif case == "random":
             x_other = _inputs(rng, x.shape, dtype, "random", int_range)
             checks.append(_check_per_example(layer, params, x, x_other, dy, kw, dtype, what))
     return True
+
+
+def _random_state(layer, in_shape, rng, dtype):
+    if not layer.stateful:
+        return None
+    state = layer.init_state(tuple(in_shape))
+    draw = {"mean": lambda s: rng.normal(size=s), "var": lambda s: rng.uniform(0.5, 2, size=s)}
+    leaves, tree = jax.tree_util.tree_flatten_with_path(state)
+    drawn = [draw.get(getattr(path[-1], "key", None), lambda s: rng.normal(size=s))(leaf.shape)
+             for path, leaf in leaves]
+    return _cast(jax.tree_util.tree_unflatten(tree, [jnp.asarray(d) for d in drawn]), dtype)
 
 
 def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
@@ -192,8 +216,8 @@ def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
     for a float ``x``, its dtype."""
     floating = jnp.issubdtype(x.dtype, jnp.inexact)
 
-    def run(params, x, dy):
-        y, cache = layer.forward(params, x, **kw)
+    def run_once(params, x, dy):
+        y, cache, _ = run(layer, params, x, **kw)
         if tuple(y.shape) != (x.shape[0], *out_shape):
             raise ValueError(f"forward gave y of shape {tuple(y.shape)}, init promised "
                              f"(batch, *out_shape) = {(x.shape[0], *out_shape)}")
@@ -211,17 +235,18 @@ def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
             raise ValueError(f"backward gave dx of shape {tuple(dx.shape)} and dtype {dx.dtype}, "
                              f"expected x's {tuple(x.shape)} and {x.dtype}")
 
-    jax.eval_shape(run, params, x, dy)
+    jax.eval_shape(run_once, params, x, dy)
 
 
 def _vjp_pair(layer, params, x, dy, kw):
-    return _vjp_pair_jit(layer, params, x, dy, kw["key"], kw["train"])
+    return _vjp_pair_jit(layer, params, x, dy, kw["key"], kw["train"], kw["state"])
 
 
-def _manual_and_reference(layer, params, x, dy, key, train):
-    y, cache = layer.forward(params, x, key=key, train=train)
+def _manual_and_reference(layer, params, x, dy, key, train, state):
+    y, cache, _ = run(layer, params, x, key=key, train=train, state=state)
     dparams, dx = layer.backward(params, cache, dy)
-    _, vjp = jax.vjp(lambda p, x_: layer.apply(p, x_, key=key, train=train), params, x)
+    _, vjp = jax.vjp(lambda p, x_: run(layer, p, x_, key=key, train=train, state=state)[0],
+                     params, x)
     ref_dparams, ref_dx = vjp(dy)
     return {"dparams": dparams, "dx": dx}, {"dparams": ref_dparams, "dx": ref_dx}
 
@@ -234,7 +259,8 @@ def _check_per_example(layer, params, x, x_other, dy, kw, dtype, what) -> Check:
     if layer.per_example is None:
         return Check(name, True, "none declared (per-example functions will refuse this layer)")
     try:
-        got, want = _per_example_pair(layer, params, x, x_other, dy, kw["key"], kw["train"])
+        got, want = _per_example_pair(layer, params, x, x_other, dy, kw["key"], kw["train"],
+                                      kw["state"])
     except Exception as err:  # noqa: BLE001
         return Check(name, False, _error(err))
     comparison = compare_grads(got, want, rtol=DEFAULT_RTOL[dtype])
@@ -243,7 +269,7 @@ def _check_per_example(layer, params, x, x_other, dy, kw, dtype, what) -> Check:
                                       f"{comparison.max_rel:.1e}", comparison)
 
 
-def _per_example(layer, params, x, x_other, dy, key, train):
+def _per_example(layer, params, x, x_other, dy, key, train, state):
     """(what the declaration gives, the reference from ``jax.vjp``): ∇ℓ_i, their squared norms
     and sums of squares, and how much of dx leaks out of row i when only row i of dy is set
     (zero for a layer that keeps examples apart). The reference runs the whole batch (so a
@@ -251,8 +277,11 @@ def _per_example(layer, params, x, x_other, dy, key, train):
 
     An integer ``x`` has no dx: there the examples are kept apart if row i of the output
     stays as it is when every other row of the input is taken from ``x_other``."""
-    y, cache = layer.forward(params, x, key=key, train=train)
-    _, vjp = jax.vjp(lambda p, x_: layer.apply(p, x_, key=key, train=train), params, x)
+    def apply(p, x_):
+        return run(layer, p, x_, key=key, train=train, state=state)[0]
+
+    y, cache, _ = run(layer, params, x, key=key, train=train, state=state)
+    _, vjp = jax.vjp(apply, params, x)
     batch = x.shape[0]
     floating = jnp.issubdtype(x.dtype, jnp.inexact)
     dtype = x.dtype if floating else y.dtype
@@ -265,8 +294,7 @@ def _per_example(layer, params, x, x_other, dy, key, train):
         if floating:
             return dp, jnp.where(row_of(i, x.ndim), 0, dx)
         # y's row i from x's row i alone: redraw the other rows, read row i back
-        mixed = layer.apply(params, jnp.where(row_of(i, x.ndim), x, x_other), key=key,
-                            train=train)
+        mixed = apply(params, jnp.where(row_of(i, x.ndim), x, x_other))
         return dp, mixed[i]
 
     grads_alone, leaks = jax.vmap(row)(jnp.arange(batch))

@@ -31,13 +31,14 @@ import jax.numpy as jnp
 from jbp import losses
 from jbp.layers.activations import logistic
 from jbp.grads import manual_value_and_grad
-from jbp.layer import Layer
+from jbp.layer import Layer, run
 from jbp.per_example import _check, like_params, trace
 
 
 def hvp(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, v, *, weights=None, key=None, train=False) -> H v``: the Hessian of
-    C(params) times ``v``.
+    """``f(params, x, y, v, *, weights=None, key=None, train=False, state=None) -> H v``: the
+    Hessian of C(params) times ``v`` (``state`` for a model with batch_norm; in training mode
+    that C normalises with the batch statistics, which depend on the params too).
 
     ``v`` and the result are shaped like ``params``. Forward-mode ``jax.jvp`` of the
     hand-written gradient (``jbp.manual_value_and_grad``), so the reverse sweep is the
@@ -46,7 +47,8 @@ def hvp(model: Layer, loss: losses.Loss):
     _check(model, loss, "hvp")
     grad = manual_value_and_grad(model, loss)
 
-    def hessian_vector_product(params, x, y, v, *, weights=None, key=None, train=False):
+    def hessian_vector_product(params, x, y, v, *, weights=None, key=None, train=False,
+                                state=None):
         tree_p, tree_v = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
         if tree_p != tree_v:
             raise ValueError(f"hvp: v must be shaped like params; params have structure "
@@ -57,7 +59,7 @@ def hvp(model: Layer, loss: losses.Loss):
                                  f"{tuple(p.shape)} got a tangent of shape {tuple(t.shape)}")
         v = jax.tree_util.tree_map(lambda p, t: jnp.asarray(t, p.dtype), params, v)
         def g(p):
-            return grad(p, x, y, weights=weights, key=key, train=train)[1]
+            return grad(p, x, y, weights=weights, key=key, train=train, state=state)[1]
 
         return jax.jvp(g, (params,), (v,))[1]
 
@@ -125,20 +127,20 @@ def loss_hessian_factor(loss: losses.Loss, out, target, weights=None):
 
 
 def ggn_diagonal(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, *, weights=None, key=None, train=False) -> diag(G)``, shaped like
-    ``params``: the exact diagonal of the
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> diag(G)``,
+    shaped like ``params``: the exact diagonal of the
     generalised Gauss-Newton matrix Jᵀ H_L J of the batch loss C.
 
     One hand-written backward pass per output dimension (batched with ``jax.vmap``), each
     started from a column of the square-root factor of H_L. Supported losses: mean squared
     error, softmax cross-entropy, sigmoid binary cross-entropy; layers as in
-    :mod:`jbp.per_example`.
+    :mod:`jbp.per_example` (batch_norm in evaluation mode only: the factor is per example).
     """
     _check(model, loss, "ggn_diagonal")
     sqrt_hessian = _factor_for(loss)
 
-    def diagonal(params, x, y, *, weights=None, key=None, train=False):
-        out, cache = model.forward(params, x, key=key, train=train)
+    def diagonal(params, x, y, *, weights=None, key=None, train=False, state=None):
+        out, cache, _ = run(model, params, x, key=key, train=train, state=state)
         factor = sqrt_hessian(out, y, weights)
 
         def squares(s):

@@ -206,6 +206,11 @@ def data_parallel_value_and_grad(model: Layer, loss: Loss, mesh, *, grad: str = 
     a single device's. ``f`` is jit-able; the batch must divide N (a ValueError says so).
     """
     _check(model, loss)
+    if model.stateful:
+        raise ValueError(f"data_parallel_value_and_grad: {model.name} keeps state (batch_norm); "
+                         f"under shard_map every device would normalise with its own shard's "
+                         f"statistics. Train it with jbp.fit(..., mesh=...), where XLA computes "
+                         f"them over the whole batch")
     mesh = as_mesh(mesh, "data_parallel_value_and_grad", axis)
     if grad not in GRADS:
         raise ValueError(f"data_parallel_value_and_grad: grad must be one of {GRADS}, got {grad!r}")
@@ -252,13 +257,14 @@ def _scale(tree, s):
 # ---------------------------------------------------------------------------- fit on a mesh
 
 def _epoch_scan(update):
-    def epoch(params, opt_state, xs, ys, keys):
+    def epoch(params, opt_state, state, xs, ys, keys):
         def body(carry, step):
-            params, opt_state, value = update(*carry, *step)
-            return (params, opt_state), value
+            *carry, value = update(*carry, *step)
+            return tuple(carry), value
 
-        (params, opt_state), values = jax.lax.scan(body, (params, opt_state), (xs, ys, keys))
-        return params, opt_state, values
+        (params, opt_state, state), values = jax.lax.scan(body, (params, opt_state, state),
+                                                          (xs, ys, keys))
+        return params, opt_state, state, values
 
     return epoch
 
@@ -270,12 +276,12 @@ def _compile(model, loss, grad, optimizer, mesh, shard, axis):
 
     grad_fn = make_grad_fn(model, loss, grad)
 
-    def update(params, opt_state, x, y, key):
-        value, grads = grad_fn(params, x, y, key)
+    def update(params, opt_state, state, x, y, key):
+        value, state, grads = grad_fn(params, state, x, y, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (_constrain(params, mesh, shard, axis), _constrain(opt_state, mesh, shard, axis),
-                value)
+                _constrain(state, mesh, False, axis), value)
 
     return jax.jit(update), jax.jit(_epoch_scan(update))
 
@@ -343,21 +349,23 @@ class DataParallel:
     def _wait(self, result):
         return jax.block_until_ready(result) if self.block else result
 
-    def run_epoch(self, params, opt_state, batches, keys, loop: str, bar):
-        """Train over ``batches (S, B)`` (row indices) with per-step ``keys (S,)``."""
+    def run_epoch(self, params, opt_state, state, batches, keys, loop: str, bar):
+        """Train over ``batches (S, B)`` (row indices) with per-step ``keys (S,)``; ``state``
+        is the model's (batch norm's statistics are those of the whole global batch)."""
         idx = np.asarray(batches)  # the keys stay where they are: jit replicates them
         if loop == "scan":
             xs, ys = self._global(idx, 1)
-            params, opt_state, values = self._wait(self.epoch_fn(params, opt_state, xs, ys, keys))
+            *carry, values = self._wait(self.epoch_fn(params, opt_state, state, xs, ys, keys))
             bar.update(len(idx))
-            return params, opt_state, values
+            return (*carry, values)
         values = []
         for i in range(len(idx)):
             xb, yb = self._global(idx[i], 0)
-            params, opt_state, value = self._wait(self.step(params, opt_state, xb, yb, keys[i]))
+            params, opt_state, state, value = self._wait(
+                self.step(params, opt_state, state, xb, yb, keys[i]))
             values.append(value)
             bar.update(1)
-        return params, opt_state, jnp.stack(values)
+        return params, opt_state, state, jnp.stack(values)
 
 
 # ---------------------------------------------------------------------------- HLO figures

@@ -13,20 +13,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.layer import Layer
+from jbp.layer import Layer, run
 from jbp.losses import Loss
 
 
 def make_evaluate(model: Layer, loss: Loss):
-    """``evaluate(params, x (N, ...), y (N, ...)) -> (losses (N,), correct (N,))`` in
-    evaluation mode: per-example losses, and whether the argmax of the output (N, C) is the
+    """``evaluate(params, state, x (N, ...), y (N, ...)) -> (losses (N,), correct (N,))`` in
+    evaluation mode (``state``: the model's, ``{}`` for a model without): per-example losses, and whether the argmax of the output (N, C) is the
     class of the target: an integer label (N,), or the argmax of a target row (N, C), C > 1,
     that is a probability vector (non-negative, summing to 1: one-hot or smoothed). NaN
     where accuracy does not apply (other targets, e.g. regression).
     """
 
-    def evaluate(params, x, y):
-        out = model.apply(params, x, train=False)
+    def evaluate(params, state, x, y):
+        out = run(model, params, x, train=False, state=state)[0]
         losses = loss.per_example(out, y)
         correct = jnp.full(losses.shape, jnp.nan, jnp.float32)
         if out.ndim == 2 and y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer):
@@ -42,20 +42,21 @@ def make_evaluate(model: Layer, loss: Loss):
 
 def make_evaluate_chunks(evaluate):
     """``evaluate`` over rows stacked in chunks ``xs (K, C, ...)``, ``ys (K, C, ...)``,
-    one chunk at a time (``lax.map``): ``-> (losses (K*C,), correct (K*C,))``."""
+    one chunk at a time (``lax.map``): ``(params, state, xs, ys) -> (losses (K*C,), correct
+    (K*C,))``."""
 
-    def evaluate_chunks(params, xs, ys):
-        losses, correct = jax.lax.map(lambda chunk: evaluate(params, *chunk), (xs, ys))
+    def evaluate_chunks(params, state, xs, ys):
+        losses, correct = jax.lax.map(lambda chunk: evaluate(params, state, *chunk), (xs, ys))
         return losses.reshape(-1), correct.reshape(-1)
 
     return evaluate_chunks
 
 
-def check_split(model, loss, params, x, y, name):
+def check_split(model, loss, params, state, x, y, name):
     """Trace the evaluation on one split's shapes (``eval_shape``: no compile, no FLOPs), so
     a mismatch is reported with that split's name and the shapes the user passed."""
     try:
-        jax.eval_shape(make_evaluate(model, loss), params, x, y)
+        jax.eval_shape(make_evaluate(model, loss), params, state, x, y)
     except (TypeError, ValueError, IndexError) as err:
         raise ValueError(f"{name} (inputs {x.dtype}{list(x.shape)}, targets "
                          f"{y.dtype}{list(y.shape)}) does not fit the model and loss: "
@@ -70,7 +71,7 @@ def _stack(arrays, chunk):
 
 
 def make_evaluator(evaluate_chunks, splits, eval_batch_size):
-    """``params -> {"<split>_loss": ..., "<split>_accuracy": ...}`` for ``splits``
+    """``(params, state) -> {"<split>_loss": ..., "<split>_accuracy": ...}`` for ``splits``
     (``{"train": (x, y), "test": (x, y)}``): each split's mean per-example loss and accuracy
     (None where it does not apply), evaluated in chunks of ``eval_batch_size`` rows.
     Splits whose examples share shape and dtype are stacked into one call, so evaluation
@@ -88,11 +89,11 @@ def make_evaluator(evaluate_chunks, splits, eval_batch_size):
         plans.append((xs, ys, {name: slice(end - size, end)
                                for name, size, end in zip(group, sizes, ends)}))
 
-    def evaluator(params):
+    def evaluator(params, state):
         entry = {}
         for xs, ys, rows in plans:
             losses, correct = (np.asarray(a, np.float64)
-                               for a in evaluate_chunks(params, xs, ys))
+                               for a in evaluate_chunks(params, state, xs, ys))
             for name, r in rows.items():
                 entry[f"{name}_loss"] = float(np.mean(losses[r]))
                 accuracy = float(np.mean(correct[r]))

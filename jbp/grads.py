@@ -5,7 +5,11 @@ pass at the output with the loss's hand-written ∂C/∂out, and runs the layers
 in reverse. ``autodiff_value_and_grad`` asks ``jax.value_and_grad`` for the same numbers.
 Both are pure, so ``jax.jit``, an optax loop or a benchmark takes either one. Keywords:
 ``weights`` (per-example loss weights, see :mod:`jbp.losses`), ``key`` and ``train`` (for
-the model's forward); anything else is a TypeError.
+the model's forward), ``state`` (for a model that keeps state); anything else is a TypeError.
+
+A model that keeps state (batch_norm) needs ``state=``; the value then comes back with the
+new state, ``((C, new_state), grads)``, as ``jax.value_and_grad(..., has_aux=True)`` gives
+it. Both functions run the same forward, so they return the same new state.
 
 The manual side checks, while tracing, what every backward returns: gradients with the
 structure, shapes and dtypes of the params they belong to (as ``jax.grad`` gives them), or
@@ -16,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from jbp.layer import Layer, check_like
+from jbp.layer import Layer, check_like, run
 from jbp.losses import Loss
 
 GradFn = Callable  # (params, x, y, *, weights=None, key=None, train=False) -> (loss, grads)
@@ -53,18 +57,21 @@ def _visit_recording(child, params, cache, dy):
     return _Received(dparams, dy), dx
 
 
-def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, train=False):
+def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, train=False,
+             state=None):
     """One hand-written forward and backward pass, with its trace.
 
     Returns ``(value, grads, deltas)``: the loss C, ∂C/∂params (structured like
     ``params``), and ``deltas``, the gradient each child of a composite model received for
     its output (a tuple with one array per layer of a serial model; ``(∂C/∂out,)`` for a
     layer without a walk): for a dense layer that is the lecture's delta = ∂C/∂z, shape
-    ``(B, out)``.
+    ``(B, out)``. For a model that keeps state ``value`` is ``(C, new_state)``.
     """
     _check(model, loss)
-    out, cache = model.forward(params, x, key=key, train=train)
+    out, cache, new_state = run(model, params, x, key=key, train=train, state=state)
     value = loss.value(out, y, weights)
+    if model.stateful:
+        value = (value, new_state)
     dout = loss.grad(out, y, weights)
     if model.walk is None:
         grads, _ = checked_backward(model, params, cache, dout)
@@ -78,27 +85,31 @@ def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, 
 
 
 def manual_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y, *, weights=None, key=None, train=False) -> (C, ∂C/∂params)`` by
-    the hand-written backward pass."""
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> (C,
+    ∂C/∂params)`` by the hand-written backward pass (``((C, new_state), ∂C/∂params)`` for a
+    model that keeps state)."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, *, weights=None, key=None, train=False):
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None):
         value, grads, _ = backprop(model, loss, params, x, y, weights=weights, key=key,
-                                   train=train)
+                                   train=train, state=state)
         return value, grads
 
     return value_and_grad
 
 
 def autodiff_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y, *, weights=None, key=None, train=False) -> (C, ∂C/∂params)`` by
-    ``jax.value_and_grad`` of the forward."""
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> (C,
+    ∂C/∂params)`` by ``jax.value_and_grad`` of the forward (``((C, new_state), ∂C/∂params)``
+    for a model that keeps state)."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, *, weights=None, key=None, train=False):
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None):
         def cost(p):
-            return loss.value(model.apply(p, x, key=key, train=train), y, weights)
+            out, _, new_state = run(model, p, x, key=key, train=train, state=state)
+            return loss.value(out, y, weights), new_state
 
-        return jax.value_and_grad(cost)(params)
+        (value, new_state), grads = jax.value_and_grad(cost, has_aux=True)(params)
+        return ((value, new_state) if model.stateful else value), grads
 
     return value_and_grad

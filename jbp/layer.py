@@ -25,6 +25,17 @@ delta and to check what every backward returns, and the per-example functions to
 each layer's (cache, delta) pair. A composite that gives ``backward`` but no ``walk`` is a
 black box: its own backward runs, and it is one layer to the machinery.
 
+**State** (batch norm's running statistics) is a pytree apart from the params, which the
+optimizer never sees. A layer that keeps state gives ``init_state(in_shape) -> state``, and
+its forward takes one keyword more and gives one value more::
+
+    forward(params, x, *, key, train, state) -> (y, cache, new_state)
+
+(``new_state`` is ``state`` in evaluation mode.) A composite of such layers keeps state too:
+its state mirrors its params (``{}`` for a child without state), :func:`composite_forward`
+gives it the right forward, :func:`composite_init_state` its ``init_state``. A model
+without stateful layers keeps every signature above; :func:`run` calls any layer alike.
+
 **Per-example quantities** need a declaration (``per_example``): ``EXAMPLEWISE`` for a
 layer without parameters that maps every example on its own (activations, dropout, serial),
 or a :class:`PerExampleRule` for a layer with parameters. ``None`` (the default): the
@@ -92,6 +103,8 @@ class Layer:
       layers: the children of a composite, else ``()``.
       walk: a composite's backward through its children (see the module docstring).
       per_example: ``EXAMPLEWISE``, a :class:`PerExampleRule`, or None (not declared).
+      init_state: ``(in_shape) -> state`` for a layer that keeps state (see the module
+        docstring), else None.
       spec: set by :func:`constructor`: what built the layer, for ``==``, ``hash``, ``repr``.
     """
 
@@ -102,6 +115,7 @@ class Layer:
     layers: tuple = ()
     walk: Callable | None = None
     per_example: Any = None
+    init_state: Callable | None = None
     spec: Any = None
 
     def __post_init__(self):
@@ -119,12 +133,25 @@ class Layer:
             raise TypeError(f"Layer {self.name!r}: per_example must be None, EXAMPLEWISE or a "
                             f"PerExampleRule, got {self.per_example!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
+        keeping = [c.name for c in self.layers if c.stateful]
+        if keeping and self.init_state is None:
+            raise TypeError(f"Layer {self.name!r}: its child {keeping[0]} keeps state, so the "
+                            f"composite must too: give init_state and thread state through its "
+                            f"forward (jbp.layer.composite_init_state, composite_forward)")
         if self.backward is None:
             object.__setattr__(self, "backward", _backward_of(self.walk))
 
-    def apply(self, params: Params, x: jax.Array, *, key=None, train: bool = False) -> jax.Array:
-        """The layer as a plain function of ``params`` and ``x``: ``forward(...)[0]``."""
-        return self.forward(params, x, key=key, train=train)[0]
+    @property
+    def stateful(self) -> bool:
+        """Whether the layer keeps state (batch norm's running statistics, see above)."""
+        return self.init_state is not None
+
+    def apply(self, params: Params, x: jax.Array, *, key=None, train: bool = False,
+              state=None):
+        """The layer as a plain function of ``params`` and ``x``: ``forward(...)[0]``; for a
+        layer that keeps state ``(y, new_state)``."""
+        y, _, new_state = run(self, params, x, key=key, train=train, state=state)
+        return (y, new_state) if self.stateful else y
 
     def replace(self, **changes) -> "Layer":
         """A copy with some attributes changed (the ``spec`` is dropped unless given)."""
@@ -134,7 +161,7 @@ class Layer:
         if self.spec is not None:
             return self.spec.key
         return (self.name, self.init, self.forward, self.backward, self.layers, self.walk,
-                self.per_example)
+                self.per_example, self.init_state)
 
     def __eq__(self, other):
         if not isinstance(other, Layer):
@@ -164,6 +191,79 @@ def _backward_of(walk):
 
     backward.walk = walk
     return backward
+
+
+# ---------------------------------------------------------------------------- state
+
+def _empty(tree) -> bool:
+    return tree is None or (isinstance(tree, (dict, tuple, list)) and len(tree) == 0)
+
+
+def check_state(layer: Layer, state) -> None:
+    """Raise a TypeError unless ``state`` is given exactly when ``layer`` keeps state (a layer
+    without state takes None or ``{}``)."""
+    if not layer.stateful and not _empty(state):
+        raise TypeError(f"{layer.name}: this model keeps no state, but state= was given "
+                        f"(only models with batch_norm keep state)")
+    if layer.stateful and _empty(state):
+        raise TypeError(f"{layer.name}: this model keeps state (batch_norm's running "
+                        f"statistics): pass state=model.init_state(in_shape), or the state "
+                        f"that the last training step returned")
+
+
+def run(layer: Layer, params, x, *, key=None, train=False, state=None):
+    """Any layer's forward as ``(y, cache, new_state)``; a layer without state gives back
+    the ``state`` it got (None or ``{}``)."""
+    check_state(layer, state)
+    if not layer.stateful:
+        y, cache = layer.forward(params, x, key=key, train=train)
+        return y, cache, state
+    return layer.forward(params, x, key=key, train=train, state=state)
+
+
+def out_shape(layer: Layer, in_shape) -> Shape:
+    """The per-example output shape of ``layer`` for ``in_shape``, from its ``init`` traced
+    abstractly (no params are drawn)."""
+    shapes = []
+
+    def init(key):
+        shape, params = layer.init(key, in_shape)
+        shapes.append(tuple(shape))
+        return params
+
+    jax.eval_shape(init, jax.random.key(0))
+    return shapes[0]
+
+
+def composite_init_state(children, in_shapes):
+    """A composite's state: a tuple with ``child.init_state(in_shape)`` for every child that
+    keeps state and ``{}`` for the others (``in_shapes``: each child's per-example input)."""
+    return tuple(c.init_state(s) if c.stateful else {} for c, s in zip(children, in_shapes))
+
+
+def composite_forward(run_children, children, who: str):
+    """The forward of a composite, from ``run_children(params, x, key, train, state) -> (y,
+    cache, new_state)`` (``state``: a tuple, one entry per child, as
+    :func:`composite_init_state` builds it): with a ``state`` keyword if a child keeps state,
+    else the plain ``(y, cache)`` forward (the children then get ``{}``)."""
+    n = len(children)
+
+    if not any(c.stateful for c in children):
+        def forward(params, x, *, key=None, train=False):
+            return run_children(params, x, key, train, ({},) * n)[:2]
+
+        return forward
+
+    def forward(params, x, *, key=None, train=False, state=None):
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            got = (f"a {type(state).__name__} of length {len(state)}"
+                   if isinstance(state, (tuple, list)) else type(state).__name__)
+            raise ValueError(f"{who}: state must be a tuple with one entry per child ({n}), "
+                             f"got {got}; is it the state of another model?")
+        y, cache, new_state = run_children(params, x, key, train, tuple(state))
+        return y, cache, tuple(new_state)
+
+    return forward
 
 
 # ---------------------------------------------------------------------------- constructors

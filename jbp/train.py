@@ -15,6 +15,10 @@ docs/training.md), and scan otherwise. The same key gives bit-identical params o
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
 Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows. With a
 ``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`).
+
+A model that keeps state (batch_norm) trains with ``state=``: every step returns the new
+state beside the params, evaluation uses it, checkpoints hold it, and ``fit`` returns
+``(params, state, history)``. Internally a model without state carries ``{}``.
 """
 
 import functools
@@ -32,7 +36,7 @@ from jbp.data import Dataset
 from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
                             make_evaluator)
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
-from jbp.layer import Layer
+from jbp.layer import Layer, check_state
 from jbp.losses import Loss
 
 OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
@@ -104,16 +108,35 @@ def _optimizer_text(description) -> str:
 
 
 def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
-    """The gradient source as ``f(params, x, y, key) -> (loss, grads)``.
+    """The gradient source as ``f(params, state, x, y, key) -> (loss, new_state, grads)``.
 
     ``"manual"`` and ``"autodiff"`` run the model in training mode with a per-step key (for
-    dropout); a user function is called as ``grad(params, x, y)``.
+    dropout); a user function is called as ``grad(params, x, y)`` (models without state
+    only). ``state`` is the model's, ``{}`` for a model without (given back as it is).
     """
     if isinstance(grad, str) and grad in GRADS:
         value_and_grad = GRADS[grad](model, loss)
-        return lambda params, x, y, key: value_and_grad(params, x, y, key=key, train=True)
+        if model.stateful:
+            def grad_fn(params, state, x, y, key):
+                (value, new_state), grads = value_and_grad(params, x, y, key=key, train=True,
+                                                           state=state)
+                return value, new_state, grads
+        else:
+            def grad_fn(params, state, x, y, key):
+                value, grads = value_and_grad(params, x, y, key=key, train=True)
+                return value, state, grads
+        return grad_fn
     if callable(grad) and not isinstance(grad, str):
-        return lambda params, x, y, key: grad(params, x, y)
+        if model.stateful:
+            raise ValueError(f"fit: {model.name} keeps state (batch_norm), which a gradient "
+                             f"function (params, x, y) -> (loss, grads) cannot update; use "
+                             f"grad='manual' or 'autodiff'")
+
+        def user_grad_fn(params, state, x, y, key):
+            value, grads = grad(params, x, y)
+            return value, state, grads
+
+        return user_grad_fn
     raise ValueError(f"fit: unknown gradient source {grad!r}; use 'manual', 'autodiff' or a "
                      f"function (params, x, y) -> (loss, grads)")
 
@@ -169,10 +192,10 @@ def _like(b, a):
 def make_update(grad_fn, optimizer):
     """One optimisation step on the batch ``x[idx], y[idx]`` (pure; jit or scan it)."""
 
-    def update(params, opt_state, x, y, idx, key):
-        value, grads = grad_fn(params, x[idx], y[idx], key)
+    def update(params, opt_state, state, x, y, idx, key):
+        value, state, grads = grad_fn(params, state, x[idx], y[idx], key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return optax.apply_updates(params, updates), opt_state, state, value
 
     return update
 
@@ -180,14 +203,15 @@ def make_update(grad_fn, optimizer):
 def make_epoch(update):
     """Run ``update`` over the rows of ``batches (S, B)`` as one ``lax.scan``."""
 
-    def epoch(params, opt_state, x, y, batches, keys):
+    def epoch(params, opt_state, state, x, y, batches, keys):
         def body(carry, step):
             idx, key = step
-            params, opt_state, value = update(*carry, x, y, idx, key)
-            return (params, opt_state), value
+            *carry, value = update(*carry, x, y, idx, key)
+            return tuple(carry), value
 
-        (params, opt_state), values = jax.lax.scan(body, (params, opt_state), (batches, keys))
-        return params, opt_state, values
+        (params, opt_state, state), values = jax.lax.scan(body, (params, opt_state, state),
+                                                          (batches, keys))
+        return params, opt_state, state, values
 
     return epoch
 
@@ -195,9 +219,10 @@ def make_epoch(update):
 class Compiled(NamedTuple):
     """The jitted functions of one (model, loss, gradient source, optimizer)."""
 
-    step: Callable  # (params, opt_state, x, y, idx (B,), key) -> (params, opt_state, loss)
-    epoch: Callable  # (params, opt_state, x, y, batches (S, B), keys (S,)) -> (..., losses (S,))
-    evaluate: Callable  # (params, xs (K, C, ...), ys (K, C, ...)) -> (losses, correct) (K*C,)
+    # state: the model's ({} without); step and epoch give it back updated
+    step: Callable  # (params, opt_state, state, x, y, idx (B,), key) -> (..., loss)
+    epoch: Callable  # (params, opt_state, state, x, y, batches (S, B), keys (S,)) -> (..., losses (S,))
+    evaluate: Callable  # (params, state, xs (K, C, ...), ys (K, C, ...)) -> (losses, correct)
 
 
 def _compile(model, loss, grad, optimizer) -> Compiled:
@@ -234,9 +259,12 @@ _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def _checkpoint_tree(params, opt_state, step, key):
+def _checkpoint_tree(params, opt_state, step, key, model_state):
     # "params" sorts before "state", so a different model is reported by a params leaf first.
-    return {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
+    tree = {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
+    if jax.tree_util.tree_leaves(model_state):  # batch_norm's running statistics
+        tree["state"]["model_state"] = model_state
+    return tree
 
 
 _OPT_STATE = "['state']['opt_state']"  # where the optimizer state's leaves live in that tree
@@ -303,7 +331,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         grad="manual", eval_data=None, eval_batch_size: int = 1024, checkpoint_dir=None,
         resume: bool = False, overwrite: bool = False, stop_on_nonfinite: bool = True,
         loop: str = "auto", progress: bool = True, on_epoch=None, mesh=None,
-        shard_params: bool = False):
+        shard_params: bool = False, state=None):
     """Train ``params`` of ``model`` on ``loss`` by minibatch gradient descent.
 
     Args:
@@ -343,7 +371,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         the jitted step).
       progress: show a tqdm bar with the current loss.
       on_epoch: called as ``on_epoch(epoch, params, history)`` after every epoch (after
-        its evaluation and checkpoint), e.g. to keep snapshots of the params.
+        its evaluation and checkpoint), e.g. to keep snapshots of the params; for a model
+        with state as ``on_epoch(epoch, params, history, state=state)``.
       mesh: None (one device, as always), ``"auto"`` (every device on one ``"data"`` axis)
         or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel training. Every
         batch is split over the data axis (``batch_size`` must divide its size), params
@@ -356,9 +385,11 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       shard_params: with a mesh, shard params and optimizer state over the data axis too
         (ZeRO/FSDP style: each leaf along its largest dimension the axis size divides);
         XLA gathers them where the step needs them.
+      state: the state of a model that keeps state (``model.init_state(in_shape)``, or what
+        an earlier fit returned); the steps update it in training mode, evaluation uses it.
 
     Returns:
-      ``(params, history)``; ``history["loss"]`` holds the minibatch loss of every step,
+      ``(params, history)``, for a model with state ``(params, state, history)``; ``history["loss"]`` holds the minibatch loss of every step,
       ``history["eval"]`` lists per evaluation ``epoch``, ``step``, ``train_loss``,
       ``train_accuracy`` and, with eval data, ``test_loss`` and ``test_accuracy``
       (accuracies are None where they do not apply: they need integer labels, or targets
@@ -366,6 +397,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     """
     opt = make_optimizer(optimizer, learning_rate)
     fns = compiled(model, loss, grad, opt)
+    check_state(model, state)
+    state = state if model.stateful else {}
     if loop not in LOOPS:
         raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
     if loop == "auto":
@@ -386,7 +419,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
 
     # each split is checked on its own, so an error names it and quotes its shapes
     x, y = _split_data(data, "data")
-    check_split(model, loss, params, x, y, "fit: data")
+    check_split(model, loss, params, state, x, y, "fit: data")
     splits = {"train": (x, y)}
     if eval_data is None and isinstance(data, Dataset):
         eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
@@ -394,7 +427,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         eval_name = "eval_data"
     if eval_data is not None:
         eval_x, eval_y = _split_data(eval_data, eval_name)
-        check_split(model, loss, params, eval_x, eval_y, f"fit: {eval_name}")
+        check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
         splits["test"] = (_like(eval_x, x), _like(eval_y, y))
     n = len(x)
     if batch_size > n:
@@ -421,10 +454,11 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         if not (resume or overwrite):
             _refuse_overwrite(ck_path)
         if resume:
-            saved, meta = _restore(ck_path, _checkpoint_tree(params, opt_state, 0, key), config,
-                                   described)
-            params, state = saved["params"], saved["state"]
-            opt_state, step, key = state["opt_state"], state["step"], state["key"]
+            saved, meta = _restore(ck_path, _checkpoint_tree(params, opt_state, 0, key, state),
+                                   config, described)
+            params, held = saved["params"], saved["state"]
+            opt_state, step, key = held["opt_state"], held["step"], held["key"]
+            state = held.get("model_state", state)
             history = meta["history"]
             if step > total_steps:
                 raise ValueError(f"fit: checkpoint {ck_path} already holds {step} steps "
@@ -437,11 +471,12 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
         dp = data_parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
         dp.agree(step, ck_path)
         params, opt_state = dp.place(params), dp.place(opt_state)
+        state = data_parallel.place(state, mesh)
     evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
 
     def record_eval(epoch):
-        on_host = params if dp is None else data_parallel.gather(params)
-        history["eval"].append({"epoch": epoch, "step": step, **evaluate(on_host)})
+        on_host = (params, state) if dp is None else data_parallel.gather((params, state))
+        history["eval"].append({"epoch": epoch, "step": step, **evaluate(*on_host)})
 
     if step == 0:
         record_eval(0)
@@ -454,16 +489,17 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             n_steps = min(steps_per_epoch, total_steps - step)
             batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
             if dp is not None:
-                params, opt_state, values = dp.run_epoch(params, opt_state, batches, keys,
-                                                         loop, bar)
+                params, opt_state, state, values = dp.run_epoch(params, opt_state, state,
+                                                                batches, keys, loop, bar)
             elif loop == "scan":
-                params, opt_state, values = fns.epoch(params, opt_state, x, y, batches, keys)
+                params, opt_state, state, values = fns.epoch(params, opt_state, state, x, y,
+                                                             batches, keys)
                 bar.update(n_steps)
             else:
                 values = []
                 for i in range(n_steps):
-                    params, opt_state, value = fns.step(params, opt_state, x, y, batches[i],
-                                                        keys[i])
+                    params, opt_state, state, value = fns.step(params, opt_state, state, x, y,
+                                                               batches[i], keys[i])
                     values.append(value)
                     bar.update(1)
                 values = jnp.stack(values)
@@ -475,7 +511,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
             record_eval(epoch + 1)
             if ck_path is not None:
-                tree = _checkpoint_tree(params, opt_state, step, key)
+                tree = _checkpoint_tree(params, opt_state, step, key, state)
                 if dp is not None:
                     tree = data_parallel.gather(tree)  # a collective: every process takes part
                 if dp is None or dp.is_main:
@@ -483,7 +519,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
                                                          "optimizer": described,
                                                          "history": history})
             if on_epoch is not None:
-                on_epoch(epoch + 1, params, history)
+                on_epoch(epoch + 1, params, history,
+                         **({"state": state} if model.stateful else {}))
     finally:
         bar.close()
-    return params, history
+    return (params, state, history) if model.stateful else (params, history)

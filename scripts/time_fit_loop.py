@@ -54,22 +54,22 @@ def main():
             batches, keys = _epoch_plan(jax.random.key(1), 0, len(x), batch_size, n_steps, 0)
             t = time.perf_counter()
             run_epoch = jax.jit(make_epoch(update)).lower(
-                params, opt_state, x, y, batches, keys).compile()
+                params, opt_state, {}, x, y, batches, keys).compile()
             compile_scan = time.perf_counter() - t
             t = time.perf_counter()
-            step = jax.jit(update).lower(params, opt_state, x, y, batches[0], keys[0]).compile()
+            step = jax.jit(update).lower(params, opt_state, {}, x, y, batches[0], keys[0]).compile()
             compile_step = time.perf_counter() - t
             rows = [batches[i] for i in range(n_steps)]
             ks = [keys[i] for i in range(n_steps)]
 
             def scan_epoch():
-                jax.block_until_ready(run_epoch(params, opt_state, x, y, batches, keys))
+                jax.block_until_ready(run_epoch(params, opt_state, {}, x, y, batches, keys))
 
             def python_epoch():
                 p, s = params, opt_state
                 values = []
                 for i in range(n_steps):
-                    p, s, v = step(p, s, x, y, rows[i], ks[i])
+                    p, s, _, v = step(p, s, {}, x, y, rows[i], ks[i])
                     values.append(v)
                 jax.block_until_ready((p, s, values))
 

@@ -16,7 +16,8 @@ checks and the per-example functions reach every layer inside; they nest.
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
+from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
+                       constructor, run)
 from jbp.layers.serial import noting_position
 
 COMBINE = ("sum", "concat")
@@ -44,18 +45,22 @@ def residual(block: Layer) -> Layer:
                              f"identity path adds x to its output), but it gives {tuple(out_shape)}")
         return shape, params
 
-    def forward(params, x, *, key=None, train=False):
-        y, cache = block.forward(params, x, key=key, train=train)
+    def forward_with_state(params, x, *, key=None, train=False, state=None):
+        y, cache, new_state = run(block, params, x, key=key, train=train, state=state)
         if y.shape != x.shape:
             raise ValueError(f"{name}: the block maps {tuple(x.shape)} to {tuple(y.shape)}; "
                              f"x + block(x) needs the shapes equal")
-        return x + y, cache
+        return x + y, cache, new_state
+
+    def forward(params, x, *, key=None, train=False):
+        return forward_with_state(params, x, key=key, train=train)[:2]
 
     def walk(params, cache, dy, visit):
         result, dx_block = visit(block, params, cache, dy)
         return result, dy + dx_block  # the identity path's delta plus the block's
 
-    return Layer(name, init, forward, layers=(block,), walk=walk, per_example=EXAMPLEWISE)
+    return Layer(name, init, forward_with_state if block.stateful else forward, layers=(block,),
+                 walk=walk, per_example=EXAMPLEWISE, init_state=block.init_state)  # the block's state, as its params
 
 
 @constructor
@@ -89,19 +94,23 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
             raise TypeError(f"{name}: params must be a tuple with one entry per branch ({n}), "
                             f"got {type(params).__name__}")
 
-    def forward(params, x, *, key=None, train=False):
+    def run_branches(params, x, key, train, state):
         check_params(params)
         keys = jax.random.split(key, n) if key is not None else [None] * n
-        ys, caches = [], []
+        ys, caches, new_state = [], [], []
         for i, branch in enumerate(branches):
             with noting_position(i, branch, name, "forward"):
-                y, cache = branch.forward(params[i], x, key=keys[i], train=train)
+                y, cache, s = run(branch, params[i], x, key=keys[i], train=train, state=state[i])
             ys.append(y)
             caches.append(cache)
+            new_state.append(s)
         if combine == "sum":
-            return sum(ys[1:], ys[0]), tuple(caches)
+            return sum(ys[1:], ys[0]), tuple(caches), tuple(new_state)
         widths = tuple(y.shape[-1] for y in ys)  # static: where each branch's slice starts
-        return jnp.concatenate(ys, axis=-1), (tuple(caches), widths)
+        return jnp.concatenate(ys, axis=-1), (tuple(caches), widths), tuple(new_state)
+
+    def init_state(in_shape):
+        return composite_init_state(branches, [as_shape(in_shape, name)] * n)
 
     def walk(params, cache, dy, visit):
         check_params(params)
@@ -118,4 +127,7 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
             dx = dx_i if dx is None else dx + dx_i  # x feeds every branch: the deltas add up
         return tuple(results), dx
 
-    return Layer(name, init, forward, layers=tuple(branches), walk=walk, per_example=EXAMPLEWISE)
+    stateful = any(branch.stateful for branch in branches)
+    return Layer(name, init, composite_forward(run_branches, branches, name),
+                 layers=tuple(branches), walk=walk, per_example=EXAMPLEWISE,
+                 init_state=init_state if stateful else None)

@@ -1,4 +1,9 @@
-"""Layer normalisation: ``y = scale · (x − μ)/√(σ² + eps) + offset`` over the last axis.
+"""Normalisation: ``y = scale · (x − μ)/√(σ² + eps) + offset``.
+
+``layer_norm`` takes μ and σ² over the last axis of each row; ``batch_norm`` per channel
+(the last axis) over the batch and every position, and keeps running statistics as state
+(see :func:`batch_norm` and docs/state.md). The rest of this docstring is layer_norm's;
+batch_norm's backward is the same formula with the means taken over the batch.
 
 Lecture map: a layer whose output mixes the features of one position, so the backward is
 the lecture's "Σ over everything a neuron feeds" *inside* one layer: each ``x_k`` feeds
@@ -20,6 +25,7 @@ example i's positions of δ·x̂ and ∂ℓ_i/∂offset = Σ δ (:data:`RULE`).
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,24 @@ def _grads(cache, delta):
 RULE = PerExampleRule(_grads)
 """∂ℓ_i/∂scale = Σ_t δ_it·x̂_it, ∂ℓ_i/∂offset = Σ_t δ_it (t: example i's positions); the
 norms and sums of squares default to sums over these (B, n) arrays, which are small."""
+
+
+def check_eps(eps, who: str) -> None:
+    if (isinstance(eps, bool) or not isinstance(eps, (int, float))
+            or not math.isfinite(eps) or eps <= 0):
+        raise ValueError(f"{who}: eps must be a positive number (it keeps 1/√(σ² + eps) "
+                         f"finite for a constant input), got {eps!r}")
+
+
+def check_norm_params(params, who: str) -> None:
+    if not isinstance(params, dict) or set(params) != {"scale", "offset"}:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise TypeError(f"{who}: params must be a dict with keys ['offset', 'scale'], got {got}")
+    scale, offset = params["scale"], params["offset"]
+    if scale.ndim != 1 or offset.shape != scale.shape:
+        raise ValueError(f"{who}: expected scale and offset of one shape (n,), got scale "
+                         f"{tuple(scale.shape)} and offset {tuple(offset.shape)}")
+
 
 
 @constructor
@@ -83,10 +107,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
     ``x`` and the params promoted (as dense); ``dx`` in ``x``'s dtype, the parameter
     gradients in the params'.
     """
-    if (isinstance(eps, bool) or not isinstance(eps, (int, float))
-            or not math.isfinite(eps) or eps <= 0):
-        raise ValueError(f"layer_norm: eps must be a positive number (it keeps 1/√(σ² + eps) "
-                         f"finite for a constant row), got {eps!r}")
+    check_eps(eps, "layer_norm")
     who = "layer_norm"
 
     def init(key, in_shape):
@@ -96,18 +117,8 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
         n = shape[-1]
         return shape, {"scale": jnp.ones((n,), dtype), "offset": jnp.zeros((n,), dtype)}
 
-    def check_params(params):
-        if not isinstance(params, dict) or set(params) != {"scale", "offset"}:
-            got = sorted(params) if isinstance(params, dict) else type(params).__name__
-            raise TypeError(f"{who}: params must be a dict with keys ['offset', 'scale'], "
-                            f"got {got}")
-        scale, offset = params["scale"], params["offset"]
-        if scale.ndim != 1 or offset.shape != scale.shape:
-            raise ValueError(f"{who}: expected scale and offset of one shape (n,), got scale "
-                             f"{tuple(scale.shape)} and offset {tuple(offset.shape)}")
-
     def forward(params, x, *, key=None, train=False):
-        check_params(params)
+        check_norm_params(params, who)
         check_array(x, who)
         n = params["scale"].shape[0]
         if x.ndim < 1 or x.shape[-1] != n:
@@ -134,3 +145,137 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
                 cast_like(dx, x_hat))
 
     return Layer(who, init, forward, backward, per_example=RULE)
+
+
+# ---------------------------------------------------------------------------- batch norm
+
+class BatchStats(NamedTuple):
+    """batch_norm's cache in training mode: normalised with the batch's own statistics."""
+
+    x_hat: jax.Array  # x's shape
+    r: jax.Array  # (C,): 1/√(σ² + eps) of the batch
+
+
+class RunningStats(NamedTuple):
+    """batch_norm's cache in evaluation mode: normalised with the running statistics."""
+
+    x_hat: jax.Array
+    r: jax.Array  # (C,): 1/√(running var + eps)
+
+
+def _batch_norm_grads(cache, delta):
+    if isinstance(cache, BatchStats):
+        raise ValueError("batch_norm: in training mode it normalises with the statistics of "
+                         "the whole batch, so every example's output depends on every other "
+                         "example's input and a per-example gradient is not defined; use "
+                         "train=False (the running statistics keep examples apart)")
+    return _grads(cache, delta)
+
+
+BATCH_NORM_RULE = PerExampleRule(_batch_norm_grads)
+"""In evaluation mode ∂ℓ_i/∂scale = Σ_t δ_it·x̂_it and ∂ℓ_i/∂offset = Σ_t δ_it (t: example
+i's positions), as for layer_norm; in training mode an error (the batch statistics mix the
+examples)."""
+
+
+@constructor
+def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
+    """Batch normalisation over every axis but the last (channels-last: ``(B, C)``,
+    ``(B, W, C)``, ``(B, H, W, C)``), with a learnable scale and offset and running statistics
+    kept as state.
+
+    Training mode (``train=True``) normalises each channel with the mean μ and (biased,
+    two-pass) variance σ² of its m values in the batch (m = B · positions), exactly as
+    layer_norm does over a row; the new state moves the running statistics towards them::
+
+        mean ← momentum · mean + (1 − momentum) · μ
+        var  ← momentum · var  + (1 − momentum) · σ²
+
+    (Flax's convention: ``momentum`` is the weight of the old value.) Evaluation mode
+    normalises with the running statistics and leaves the state as it is.
+
+    Backward. Training: the three-term formula of :func:`layer_norm`, with the means over the
+    m values of a channel instead of the features of a row (every ``x`` of a channel feeds
+    every ``x̂`` of it through μ and σ²)::
+
+        g  = scale · dy
+        dx = r · (g − mean(g) − x̂ · mean(g · x̂))        means over batch and positions
+
+    Evaluation: μ and σ² are constants, so ``dx = r · scale · dy``. In both,
+    ``∂C/∂scale = Σ dy · x̂`` and ``∂C/∂offset = Σ dy`` over batch and positions. The running
+    statistics get no gradient: they are state, not params.
+
+    Args:
+      momentum: in [0, 1].
+      eps: added to the variance, a positive number.
+      dtype: of the params and the state.
+
+    Params ``{"scale": (C,), "offset": (C,)}``; state ``{"mean": (C,), "var": (C,)}`` (zeros and
+    ones, from ``init_state``). Training mode needs more than one example (batch statistics of
+    one example would normalise it by itself).
+    """
+    if (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+            or not 0 <= momentum <= 1):
+        raise ValueError(f"batch_norm: momentum must be a number in [0, 1] (the weight of the "
+                         f"old running statistics), got {momentum!r}")
+    check_eps(eps, "batch_norm")
+    who = "batch_norm"
+
+    def init(key, in_shape):
+        shape = as_shape(in_shape, who)
+        if not shape:
+            raise ValueError(f"{who}: expects a per-example shape (..., channels), got ()")
+        return shape, layer_norm(dtype=dtype).init(key, shape)[1]
+
+    def init_state(in_shape):
+        n = as_shape(in_shape, who)[-1]
+        return {"mean": jnp.zeros((n,), dtype), "var": jnp.ones((n,), dtype)}
+
+    def check_state(state, n):
+        if (not isinstance(state, dict) or set(state) != {"mean", "var"}
+                or any(getattr(state[k], "shape", None) != (n,) for k in state)):
+            got = ({k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+                   if isinstance(state, dict) else type(state).__name__)
+            raise ValueError(f"{who}: state must be {{'mean': ({n},), 'var': ({n},)}} for "
+                             f"{n} channels, got {got}; is it the state of another model?")
+
+    def forward(params, x, *, key=None, train=False, state=None):
+        check_norm_params(params, who)
+        check_array(x, who)
+        n = params["scale"].shape[0]
+        if x.ndim < 2 or x.shape[-1] != n:
+            raise ValueError(f"{who}: expected input of shape (batch, ..., {n}) (channels last; "
+                             f"the params have {n} channels), got {tuple(x.shape)}")
+        check_state(state, n)
+        axes = tuple(range(x.ndim - 1))
+        if not train:
+            r = jax.lax.rsqrt(state["var"] + eps).astype(x.dtype)
+            x_hat = (x - state["mean"].astype(x.dtype)) * r
+            return params["scale"] * x_hat + params["offset"], RunningStats(x_hat, r), state
+        if x.shape[0] == 1:
+            raise ValueError(f"{who}: training mode needs a batch of more than one example "
+                             f"(the batch statistics of one example normalise it by itself), "
+                             f"got input of shape {tuple(x.shape)}")
+        mu = jnp.mean(x, axis=axes)
+        d = x - mu
+        var = jnp.mean(d * d, axis=axes)
+        r = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+        x_hat = d * r
+        new_state = {k: (momentum * state[k] + (1 - momentum) * v.astype(state[k].dtype))
+                     for k, v in (("mean", mu), ("var", var))}
+        return params["scale"] * x_hat + params["offset"], BatchStats(x_hat, r), new_state
+
+    def backward(params, cache, dy):
+        x_hat, r = cache
+        scale, offset = params["scale"], params["offset"]
+        axes = tuple(range(dy.ndim - 1))
+        dscale, doffset = jnp.sum(dy * x_hat, axis=axes), jnp.sum(dy, axis=axes)
+        g = scale * dy                                               # ∂C/∂x̂
+        if isinstance(cache, BatchStats):                            # the three-term formula
+            dx = r * (g - jnp.mean(g, axis=axes) - x_hat * jnp.mean(g * x_hat, axis=axes))
+        else:
+            dx = r * g
+        return ({"scale": dscale.astype(scale.dtype), "offset": doffset.astype(offset.dtype)},
+                cast_like(dx, x_hat))
+
+    return Layer(who, init, forward, backward, per_example=BATCH_NORM_RULE, init_state=init_state)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jbp.layers import activations
 from jbp.layers.dense import dense
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
+from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
+                       constructor, out_shape, run)
 
 
 @contextlib.contextmanager
@@ -59,15 +60,22 @@ def serial(*layers: Layer) -> Layer:
             raise TypeError(f"serial: params must be a tuple with one entry per layer ({n}), "
                             f"got {got}")
 
-    def forward(params, x, *, key=None, train=False):
+    def run_children(params, x, key, train, state):
         check_params(params)
         keys = jax.random.split(key, n) if key is not None else [None] * n
-        caches = []
+        caches, new_state = [], []
         for i, layer in enumerate(layers):
             with noting_position(i, layer, name, "forward"):
-                x, cache = layer.forward(params[i], x, key=keys[i], train=train)
+                x, cache, s = run(layer, params[i], x, key=keys[i], train=train, state=state[i])
             caches.append(cache)
-        return x, tuple(caches)
+            new_state.append(s)
+        return x, tuple(caches), tuple(new_state)
+
+    def init_state(in_shape):
+        shapes = [as_shape(in_shape, "serial")]
+        for layer in layers[:-1]:
+            shapes.append(out_shape(layer, shapes[-1]))
+        return composite_init_state(layers, shapes)
 
     def walk(params, caches, dy, visit):
         check_params(params)
@@ -77,7 +85,9 @@ def serial(*layers: Layer) -> Layer:
                 results[i], dy = visit(layers[i], params[i], caches[i], dy)
         return tuple(results), dy
 
-    return Layer(name, init, forward, layers=tuple(layers), walk=walk, per_example=EXAMPLEWISE)
+    stateful = any(layer.stateful for layer in layers)
+    return Layer(name, init, composite_forward(run_children, layers, name), layers=tuple(layers),
+                 walk=walk, per_example=EXAMPLEWISE, init_state=init_state if stateful else None)
 
 
 def init_gain(activation: Layer) -> float:
