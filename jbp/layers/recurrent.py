@@ -53,6 +53,7 @@ from jbp.layers.branches import parallel
 from jbp.layers.recurrent_cells import CELLS, Cell
 
 INITIAL_STATES = ("zeros", "learned")
+DEFAULTS = {"initial_state": "zeros", "reverse": False, "return_sequences": True}
 
 
 # ---------------------------------------------------------------------------- the scans
@@ -65,8 +66,8 @@ class _Options(NamedTuple):
     initial_state: str
     reverse: bool
     return_sequences: bool
+    dtype: object
     make: Callable  # the public constructor, for bidirectional's reversed twin
-    args: dict
 
 
 def _time_major(a, reverse):
@@ -185,10 +186,9 @@ def _rule(opts) -> PerExampleRule:
 
 def _recurrent(opts: _Options) -> Layer:
     cell, H = opts.cell, opts.hidden
-    who = f"{cell.kind}({H}" + "".join(f", {k}={v!r}" for k, v in opts.args.items()
-                                       if k in ("initial_state", "reverse", "return_sequences")
-                                       and v != DEFAULTS[k]) + ")"
-    dtype = opts.args["dtype"]
+    who = f"{cell.kind}({H}" + "".join(f", {k}={getattr(opts, k)!r}" for k in DEFAULTS
+                                       if getattr(opts, k) != DEFAULTS[k]) + ")"
+    dtype = opts.dtype
     names = ["W_x", "W_h", "b"] + ["b_hn"] * (cell.kind == "gru") + (
         ["h0", "c0"][:cell.n_states] if opts.initial_state == "learned" else [])
 
@@ -213,14 +213,13 @@ def _recurrent(opts: _Options) -> Layer:
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise TypeError(f"{who}: params must be a dict with keys {sorted(names)}, got {got}")
         G = cell.gates
-        want = {"W_x": ("in", G * H), "W_h": (H, G * H), "b": (G * H,),
-                **{k: (H,) for k in names[3:]}}
+        want = {"W_h": (H, G * H), "b": (G * H,), **{k: (H,) for k in names[3:]}}
         got = {k: tuple(params[k].shape) for k in names}
-        if len(got["W_x"]) != 2 or any(got[k] != s for k, s in want.items() if k != "W_x") \
-                or got["W_x"][1] != G * H:
-            raise ValueError(f"{who}: expected params of shapes " + ", ".join(
-                f"{k} {s}" for k, s in want.items()).replace("'in'", "in") + "; got " +
-                ", ".join(f"{k} {s}" for k, s in got.items()))
+        if len(got["W_x"]) != 2 or got["W_x"][1] != G * H or any(
+                got[k] != shape for k, shape in want.items()):
+            shown = [f"W_x (in, {G * H})"] + [f"{k} {shape}" for k, shape in want.items()]
+            raise ValueError(f"{who}: expected params of shapes {', '.join(shown)}; got "
+                             + ", ".join(f"{k} {shape}" for k, shape in got.items()))
 
     def forward(params, x, *, key=None, train=False):
         check_params(params)
@@ -234,8 +233,6 @@ def _recurrent(opts: _Options) -> Layer:
     return Layer(who, init, forward, backward, per_example=_rule(opts))
 
 
-DEFAULTS = {"initial_state": "zeros", "reverse": False, "return_sequences": True}
-
 
 def _build(kind, make, hidden, initial_state, reverse, return_sequences, dtype) -> Layer:
     if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
@@ -246,10 +243,8 @@ def _build(kind, make, hidden, initial_state, reverse, return_sequences, dtype) 
     for name, flag in (("reverse", reverse), ("return_sequences", return_sequences)):
         if not isinstance(flag, bool):
             raise TypeError(f"{kind}: {name} must be a bool, got {flag!r}")
-    args = dict(hidden=hidden, initial_state=initial_state, reverse=reverse,
-                return_sequences=return_sequences, dtype=dtype)
     return _recurrent(_Options(CELLS[kind], hidden, initial_state, reverse, return_sequences,
-                               make, args))
+                               dtype, make))
 
 
 @constructor
@@ -305,5 +300,6 @@ def bidirectional(layer: Layer) -> Layer:
     if opts.reverse:
         raise ValueError(f"bidirectional: give the layer that runs forward (it builds the "
                          f"reversed twin), got {layer.name}")
-    twin = opts.make(**{**opts.args, "reverse": True})
+    twin = opts.make(opts.hidden, initial_state=opts.initial_state, reverse=True,
+                     return_sequences=opts.return_sequences, dtype=opts.dtype)
     return parallel(layer, twin, combine="concat").replace(name=f"bidirectional({layer.name})")
