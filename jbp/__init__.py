@@ -37,6 +37,7 @@ from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
 from jbp.layers.norm import batch_norm, layer_norm
 from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
+from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
@@ -53,6 +54,7 @@ __all__ = [
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
+    "rnn", "gru", "lstm", "bidirectional",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
