@@ -243,6 +243,17 @@ EIGHT = COMMON + textwrap.dedent("""
     got, _ = fit(model, params, data, epochs=2, mesh=mesh_of[4])
     out["dropout"] = rel(got, ref)
 
+    # 6b. batch norm: its statistics are those of the whole global batch, so the state and
+    #     the params trained on 4 devices are the single device's
+    #     (tanh before the batch norm: a bias right before one has a zero gradient, and Adam
+    #     would turn its round-off into steps)
+    bn = jbp.serial(jbp.dense(16, dtype="float64"), jbp.tanh(),
+                    jbp.batch_norm(dtype="float64"), jbp.dense(3, dtype="float64"))
+    bn_params, bn_state = bn.init(jax.random.key(0), (8,))[1], bn.init_state((8,))
+    ref = fit(bn, bn_params, data, epochs=2, state=bn_state)[:2]
+    got = fit(bn, bn_params, data, epochs=2, state=bn_state, mesh=mesh_of[4])[:2]
+    out["batch_norm"] = rel(got, ref)
+
     # 7. errors, and mesh="auto"
     model, params = model_and_params("float64")
     errors = {}
@@ -374,6 +385,10 @@ def test_xla_partitions_a_convolution_grouped_by_example(eight):
 
 def test_dropout_masks_do_not_depend_on_the_sharding(eight):
     assert eight["dropout"] <= 1e-12
+
+
+def test_batch_norm_on_a_mesh_normalises_with_the_global_batch(eight):
+    assert eight["batch_norm"] <= 1e-12
 
 
 def test_indivisible_batch_and_auto_mesh(eight):

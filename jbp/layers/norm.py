@@ -63,6 +63,19 @@ def check_norm_params(params, who: str) -> None:
 
 
 
+def _scale_and_offset(who: str, dtype):
+    """The ``init`` of a normalisation over the last axis: scale ones, offset zeros, (n,)."""
+
+    def init(key, in_shape):
+        shape = as_shape(in_shape, who)
+        if not shape:
+            raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
+        n = shape[-1]
+        return shape, {"scale": jnp.ones((n,), dtype), "offset": jnp.zeros((n,), dtype)}
+
+    return init
+
+
 @constructor
 def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
     """Layer normalisation over the last axis, with a learnable scale and offset.
@@ -109,13 +122,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
     """
     check_eps(eps, "layer_norm")
     who = "layer_norm"
-
-    def init(key, in_shape):
-        shape = as_shape(in_shape, who)
-        if not shape:
-            raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
-        n = shape[-1]
-        return shape, {"scale": jnp.ones((n,), dtype), "offset": jnp.zeros((n,), dtype)}
+    init = _scale_and_offset(who, dtype)
 
     def forward(params, x, *, key=None, train=False):
         check_norm_params(params, who)
@@ -220,12 +227,7 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
                          f"old running statistics), got {momentum!r}")
     check_eps(eps, "batch_norm")
     who = "batch_norm"
-
-    def init(key, in_shape):
-        shape = as_shape(in_shape, who)
-        if not shape:
-            raise ValueError(f"{who}: expects a per-example shape (..., channels), got ()")
-        return shape, layer_norm(dtype=dtype).init(key, shape)[1]
+    init = _scale_and_offset(who, dtype)
 
     def init_state(in_shape):
         n = as_shape(in_shape, who)[-1]
