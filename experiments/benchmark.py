@@ -437,8 +437,8 @@ def plot(points, peak, out_dir):
         for path, marker in (("manual", m_marker), ("autodiff", a_marker)):
             ax.plot(idx, [temp_mib(p, f"{path}_{kind}") for p in points], marker,
                     fillstyle="none", label=f"{path}_{kind}")
-    _finish(plt, fig, ax, points, "XLA temporary memory of the compiled functions "
-            "(memory_analysis().temp_size_in_bytes)", "temp MiB", out_dir / "memory.png")
+    _finish(plt, fig, ax, points, "XLA temporary memory: manual vs autodiff",
+            "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png")
 
 
 def measure_peak(grid, key, repeats):
