@@ -163,8 +163,9 @@ def test_xla_counts_conv_flops_of_real_taps():
     # on CPU: 2 per multiply-add of the kernel taps that meet real input ("SAME" padding
     # is not counted), plus one per bias add.
     batch, c, o, in_shape = 2, 4, 6, (10, 10, 4)
-    # per (example, channel pair): VALID 8×8 outputs × 9 taps; SAME 10×10 outputs, and
-    # along each axis the 10 windows hold 3·10 − 2 real rows (the two ends lose one)
+    # taps per (example, channel pair): VALID 8×8 outputs × 9; SAME 10×10 outputs, where
+    # along each axis the 10 windows' 3 taps meet 3·10 − 2 real rows in all (the two end
+    # windows each lose one tap to the padding)
     for padding, positions, taps in (("VALID", 8 * 8, 8 * 8 * 9), ("SAME", 10 * 10, 28 * 28)):
         layer = jbp.conv(o, 3, padding=padding)
         params = {"W": jnp.ones((3, 3, c, o)), "b": jnp.ones((o,))}  # no random draw to compile
