@@ -1,7 +1,7 @@
-"""Benchmark: the hand-written backward against jax.grad over a grid of MLPs.
+"""Benchmark: the hand-written backward against jax.grad, on MLPs and CNNs.
 
-For every grid point (batch × width × depth × activation) it compiles, apart from the
-timing, five jitted functions on one set of random data:
+Every point is a model, a batch of random data and 10 classes (float32, softmax
+cross-entropy). For each it compiles, apart from the timing, five jitted functions:
 
   forward         model.apply
   manual_grad     jbp.manual_value_and_grad        (hand-written backward)
@@ -9,23 +9,47 @@ timing, five jitted functions on one set of random data:
   manual_step     one optax Adam step driven by manual_grad     (params/state donated)
   autodiff_step   the same step driven by autodiff_grad
 
-and a reference float32 matrix product of the point's largest layer shape. After warm-up
-they run interleaved, one call each per round, so the paired per-round ratio
-manual/autodiff is robust to a busy machine. The model is ``mlp([width]*(depth+1) + [10])``:
-``depth`` hidden layers of ``width`` units, input size ``width``, 10 classes.
+and a reference float32 matrix product of the point's own shape. After warm-up they run
+interleaved, one call each per round, so the paired per-round ratio manual/autodiff is
+robust to a busy machine. One code path (:func:`bench_point`) times every point; the
+points come in two families (``--models``):
 
-Writes ``results.json`` (figures per point, summary, targets, device) and the plots
-``step_time.png``, ``ratio.png`` and ``gflops.png`` into ``--out``.
+* ``mlp``: a grid (batch × width × depth × activation) of ``mlp([width]*(depth+1) + [10])``:
+  ``depth`` hidden layers of ``width`` units, input size ``width``. FLOPs are counted by
+  hand (:func:`jbp.bench.mlp_step_flops`: the matrix products only); the own product is
+  the layer shape ``(batch, width) @ (width, width)``.
+* ``cnn``: ``cnn1d``, the MNIST-1D CNN of ``experiments/mnist1d_models.py`` (four
+  convolutions of 32 channels, kernel 5, ReLU, global average pool, dense head; input
+  (40, 1), batch 100), and ``cnn2d``, a 2-D CNN on 32×32×3 input, batch 128: two 3×3
+  convolutions of 64 channels with ReLU, 2×2 max pool, two more, 2×2 max pool, flatten,
+  dense head. Their FLOPs are **XLA's** (``compiled.cost_analysis()["flops"]``): the
+  forward's for the forward, the compiled *autodiff* gradient's for a gradient or step
+  (the same figure for both paths, so GFLOP/s compare as the times do). XLA counts the
+  convolution taps that meet real input (not "SAME" padding) and element-wise work, so
+  its figure is a few percent off the dense formula ``2·B·positions·k·C·O``. The own
+  product is the im2col form of the widest convolution, ``(B·positions, k·C) @ (k·C, O)``.
+
+The peak is a float32 product of the MLP grid's largest layer shape (measured even when
+only CNN points run), timed at the start, the end and inside the rounds of points whose
+own product has that shape.
+
+Writes ``results.json`` (figures per point, a summary and the targets per family, device),
+``table.md`` and the plots ``step_time.png``, ``ratio.png``, ``gflops.png`` and
+``memory.png`` (a column per point, CNNs after the MLPs) into ``--out``. ``--quick`` runs two
+tiny MLPs and a tiny cnn2d (4 channels, 8×8×3, batch 4) in seconds, for the tests.
 
     .venv/bin/python experiments/benchmark.py --out runs/benchmark
+    .venv/bin/python experiments/benchmark.py --models cnn --out runs/benchmark_cnn
     .venv/bin/python experiments/benchmark.py --quick --out /tmp/bench
 """
 
+import importlib.util
 import itertools
 import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +62,15 @@ from jbp import bench, cli
 from jbp.io import write_atomic, write_json
 
 N_CLASSES = 10
+MODELS = ("mlp", "cnn")
 GRID = {"batch": (64, 1024), "width": (128, 512, 2048), "depth": (2, 4),
         "activation": ("relu", "tanh")}
 QUICK_GRID = {"batch": (8, 32), "width": (16,), "depth": (1,), "activation": ("relu",)}
+# name -> batch, channels per convolution, per-example input shape
+CNNS = {"cnn1d": {"batch": 100, "channels": 32, "in_shape": (40, 1)},
+        "cnn2d": {"batch": 128, "channels": 64, "in_shape": (32, 32, 3)}}
+# --quick: one tiny CNN (compiling its five functions costs seconds, whatever its size)
+QUICK_CNNS = {"cnn2d": {"batch": 4, "channels": 4, "in_shape": (8, 8, 3)}}
 FUNCS = ("forward", "manual_grad", "autodiff_grad", "manual_step", "autodiff_step", "matmul")
 TARGETS = {"ratio_median_max": 1.00, "ratio_point_max": 1.05, "peak_fraction_min": 0.90}
 
@@ -60,7 +90,10 @@ def positive_ints(flag):
 
 def parse_args(argv=None):
     parser = cli.experiment_parser(__doc__.splitlines()[0], "runs/benchmark")
-    parser.add_argument("--batch", default=None, help="batch sizes, comma-separated "
+    parser.add_argument("--models", default=",".join(MODELS), help="families of points, "
+                        f"comma-separated, from: {', '.join(MODELS)} (cnn: "
+                        f"{', '.join(CNNS)}; --quick: cnn2d alone, 4 channels, 8x8x3)")
+    parser.add_argument("--batch", default=None, help="MLP batch sizes, comma-separated "
                         f"(default {','.join(map(str, GRID['batch']))})")
     parser.add_argument("--width", default=None, help="hidden widths, comma-separated "
                         f"(default {','.join(map(str, GRID['width']))})")
@@ -77,6 +110,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     grid = dict(QUICK_GRID if args.quick else GRID)
     try:
+        args.models = tuple(m.strip() for m in args.models.split(","))
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown or not args.models:
+            raise ValueError(f"--models: expected comma-separated names from "
+                             f"{', '.join(MODELS)}, got {', '.join(unknown) or 'nothing'}")
+        grid_flags = [f"--{name}" for name in ("batch", "width", "depth", "activation")
+                      if getattr(args, name) is not None]
+        if grid_flags and "mlp" not in args.models:
+            raise ValueError(f"{', '.join(grid_flags)}: set the MLP grid, but --models "
+                             f"{','.join(args.models)} runs no MLP points")
         for name in ("batch", "width", "depth"):
             text = getattr(args, name)
             if text is not None:
@@ -93,6 +136,7 @@ def parse_args(argv=None):
     except ValueError as err:
         parser.error(str(err))
     args.grid = grid
+    args.cnns = QUICK_CNNS if args.quick else CNNS
     args.budget = args.budget or (0.2 if args.quick else 4.0)
     args.min_repeats = args.min_repeats or (3 if args.quick else 5)
     if args.max_repeats < args.min_repeats:
@@ -112,21 +156,97 @@ def adam_step(grad_fn, optimizer):
     return step
 
 
-def copy_tree(tree):
-    """A fresh copy of every array (a donated step consumes its inputs)."""
-    return jax.tree_util.tree_map(jnp.copy, tree)
+class Spec(NamedTuple):
+    """What one point builds and times; :func:`bench_point` is the same for every family."""
+
+    label: str
+    family: str         # "mlp" or "cnn"
+    model: jbp.Layer
+    in_shape: tuple     # per example
+    batch: int
+    matmul: tuple       # (m, k, n): the point's own float32 product, timed in its rounds
+    flops: dict | None  # counted {"forward", "backward", "step"}; None: XLA's cost_analysis
+    fields: dict        # JSON fields that describe the point
 
 
-def bench_point(batch, width, depth, activation, key, args):
-    """Every figure of one grid point (a JSON-ready dict)."""
+def mlp_spec(batch, width, depth, activation) -> Spec:
     sizes = [width] * (depth + 1) + [N_CLASSES]
-    model = jbp.mlp(sizes, activation=activation)
+    flops = bench.mlp_step_flops(batch, sizes)
+    return Spec(
+        f"B{batch} W{width} D{depth} {activation}", "mlp", jbp.mlp(sizes, activation=activation),
+        (width,), batch, (batch, width, width), flops,
+        {"batch": batch, "width": width, "depth": depth, "activation": activation,
+         "sizes": sizes,
+         # our count had the data gradient ∂C/∂x been computed, over our count
+         "count_with_input_grad_over_count": (
+             bench.mlp_step_flops(batch, sizes, input_grad=True)["step"] / flops["step"])})
+
+
+def _mnist1d_build():
+    """``build`` of experiments/mnist1d_models.py, loaded from beside this script."""
+    path = Path(__file__).resolve().with_name("mnist1d_models.py")
+    spec = importlib.util.spec_from_file_location("mnist1d_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build
+
+
+def cnn2d(channels: int) -> jbp.Layer:
+    """Two 3×3 convolutions (ReLU) and a 2×2 max pool, twice; flatten; a dense head."""
+    block = [jbp.conv(channels, 3), jbp.relu(), jbp.conv(channels, 3), jbp.relu(),
+             jbp.max_pool(2)]
+    return jbp.serial(*block, *block, jbp.flatten(), jbp.dense(N_CLASSES))
+
+
+def cnn_spec(name, batch, channels, in_shape) -> Spec:
+    """A CNN point; its own product is the im2col form of its widest convolution (stride
+    1, "SAME": every input position, kernel taps × channels in, channels out)."""
+    in_shape = tuple(in_shape)
+    if name == "cnn1d":
+        model, shape = _mnist1d_build()("cnn", channels)
+        if tuple(shape) != in_shape:
+            raise ValueError(f"cnn1d: mnist1d_models builds input {shape}, not {in_shape}")
+        taps = 5
+    elif name == "cnn2d":
+        model, taps = cnn2d(channels), 3 * 3
+    else:
+        raise ValueError(f"cnn_spec: unknown CNN {name!r}; known: {', '.join(CNNS)}")
+    positions = math.prod(in_shape[:-1])
+    return Spec(f"{name} B{batch} C{channels} {'x'.join(map(str, in_shape))}", "cnn", model,
+                in_shape, batch, (batch * positions, taps * channels, channels), None,
+                {"name": name, "batch": batch, "channels": channels, "in_shape": list(in_shape),
+                 "model_repr": repr(model)})
+
+
+def specs(args) -> list[Spec]:
+    """Every point of the run, MLPs first, in the order they are timed."""
+    out = []
+    if "mlp" in args.models:
+        keys = ("batch", "width", "depth", "activation")
+        out += [mlp_spec(*p) for p in itertools.product(*(args.grid[k] for k in keys))]
+    if "cnn" in args.models:
+        out += [cnn_spec(name, **cfg) for name, cfg in args.cnns.items()]
+    return out
+
+
+def bench_point(spec: Spec, key, args):
+    """Every figure of one point (a JSON-ready dict)."""
+    model, batch = spec.model, spec.batch
     loss = jbp.losses.softmax_cross_entropy
-    k_init, k_x, k_y, k_mm = jax.random.split(key, 4)
-    _, params = model.init(k_init, (width,))
-    x = jax.random.normal(k_x, (batch, width), jnp.float32)
-    y = jax.random.randint(k_y, (batch,), 0, N_CLASSES)
+    m, k, n = spec.matmul
     optimizer = optax.adam(1e-3)
+
+    # The data and the own product's operands come from NumPy and the params from the
+    # model's eager init: inside one jit, XLA took seconds to compile the random draws.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    x = jnp.asarray(rng.standard_normal((batch, *spec.in_shape), np.float32))
+    y = jnp.asarray(rng.integers(0, N_CLASSES, batch), jnp.int32)
+    a_mm = jnp.asarray(rng.standard_normal((m, k), np.float32))
+    w_mm = jnp.asarray(rng.standard_normal((k, n), np.float32))
+    params = model.init(key, spec.in_shape)[1]
+    # A donated step consumes its inputs: each path gets its own copy of the params and
+    # a fresh Adam state, made by one compiled call.
+    fresh_state = jax.jit(lambda p: (jax.tree_util.tree_map(jnp.copy, p), optimizer.init(p)))
     grad_fns = {"manual": jbp.manual_value_and_grad(model, loss),
                 "autodiff": jbp.autodiff_value_and_grad(model, loss)}
 
@@ -136,13 +256,11 @@ def bench_point(batch, width, depth, activation, key, args):
     for name, grad_fn in grad_fns.items():
         c, compile_s[f"{name}_grad"] = bench.compile_timed(grad_fn, params, x, y)
         compiled[f"{name}_grad"] = c
-        state = (copy_tree(params), optimizer.init(params))
+        state = fresh_state(params)
         c, compile_s[f"{name}_step"] = bench.compile_timed(
             adam_step(grad_fn, optimizer), *state, x, y, donate_argnums=(0, 1))
         compiled[f"{name}_step"] = c
         states[name] = state
-    a_mm = jax.random.normal(k_mm, (batch, width), jnp.float32)
-    w_mm = params[0]["W"]
     compiled["matmul"], compile_s["matmul"] = bench.compile_timed(jnp.matmul, a_mm, w_mm)
     for name in FUNCS:
         stats[name] = bench.compiled_stats(compiled[name])
@@ -170,8 +288,15 @@ def bench_point(batch, width, depth, activation, key, args):
     repeats = bench.repeats_for(one_round, args.budget, lo=args.min_repeats, hi=args.max_repeats)
     times = bench.interleaved_times(thunks, repeats, warmup=0, swap=pairs)
 
-    flops = bench.mlp_step_flops(batch, sizes)
-    mm_flops = 2 * batch * width * width
+    if spec.flops is not None:
+        flops, flops_source = spec.flops, "counted: matrix products (jbp.bench.mlp_step_flops)"
+    else:  # the autodiff gradient's figure stands for both paths (see the docstring)
+        fwd, step = (stats[name]["cost"].get("flops", math.nan)
+                     for name in ("forward", "autodiff_grad"))
+        flops = {"forward": fwd, "backward": step - fwd, "step": step}
+        flops_source = ("xla: compiled.cost_analysis()['flops'] of forward (forward) and "
+                        "of autodiff_grad (backward = that - forward, step)")
+    mm_flops = 2 * m * k * n
     time_stats = {name: bench.summary(t) for name, t in times.items()}
 
     def gflops(n_flops, name):
@@ -187,15 +312,16 @@ def bench_point(batch, width, depth, activation, key, args):
             lambda p, x: jax.vjp(lambda q: loss.value(model.apply(q, x), y), p)[1], params, x),
     }
     return {
-        "batch": batch, "width": width, "depth": depth, "activation": activation,
-        "sizes": sizes, "n_params": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
+        "label": spec.label, "family": spec.family, **spec.fields,
+        "n_params": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
+        "matmul_shape": [m, k, n],
         "repeats": repeats,
         "flops": flops,
-        # XLA's own FLOP count of the compiled manual gradient over ours, and ours had the
-        # data gradient ∂C/∂x been computed: near 1 and below the latter means XLA drops it.
+        "flops_source": flops_source,
+        # XLA's own FLOP count of the compiled manual gradient over the point's FLOP count:
+        # for an MLP near 1 and below count_with_input_grad_over_count means XLA drops the
+        # data gradient; for a CNN it is XLA's manual figure over its autodiff figure.
         "xla_flops_over_count": stats["manual_grad"]["cost"].get("flops", math.nan) / flops["step"],
-        "count_with_input_grad_over_count": (
-            bench.mlp_step_flops(batch, sizes, input_grad=True)["step"] / flops["step"]),
         "compile_s": compile_s,
         "time_s": time_stats,
         "ratio_step": bench.paired_ratios(times["manual_step"], times["autodiff_step"]),
@@ -212,11 +338,8 @@ def bench_point(batch, width, depth, activation, key, args):
     }
 
 
-def label(point) -> str:
-    return f"B{point['batch']} W{point['width']} D{point['depth']} {point['activation']}"
-
-
 def summarize(points, peak) -> dict:
+    """The headline figures and the targets over ``points`` (one family of them)."""
     ratios = np.array([p["ratio_step"]["median"] for p in points])
     grad_ratios = np.array([p["ratio_grad"]["median"] for p in points])
     largest = max(points, key=lambda p: p["flops"]["step"])
@@ -228,14 +351,15 @@ def summarize(points, peak) -> dict:
                   p["xla"][f"autodiff_{kind}"]["memory"].get("temp_bytes")) for p in points]
         if any(None in t for t in temps):
             return None
-        return [label(p) for p, (m, a) in zip(points, temps) if m > a]
+        return [p["label"] for p, (m, a) in zip(points, temps) if m > a]
     out = {
+        "n_points": len(points),
         "ratio_step_median": float(np.median(ratios)),
         "ratio_step_max": float(ratios.max()),
-        "ratio_step_max_at": label(points[int(ratios.argmax())]),
+        "ratio_step_max_at": points[int(ratios.argmax())]["label"],
         "ratio_grad_median": float(np.median(grad_ratios)),
         "ratio_grad_max": float(grad_ratios.max()),
-        "largest_point": label(largest),
+        "largest_point": largest["label"],
         "largest_manual_step_gflops": largest["gflops"]["manual_step"],
         "largest_autodiff_step_gflops": largest["gflops"]["autodiff_step"],
         "peak_matmul_gflops": peak_gflops,
@@ -270,7 +394,7 @@ def _errorbars(ax, idx, stats, series, scale=1.0):
 def _finish(plt, fig, ax, points, title, ylabel, path):
     """Log y axis, one labelled column per grid point, legend; save and close."""
     ax.set(yscale="log", ylabel=ylabel, title=title)
-    ax.set_xticks(np.arange(len(points)), [label(p) for p in points], rotation=90, fontsize=7)
+    ax.set_xticks(np.arange(len(points)), [p["label"] for p in points], rotation=90, fontsize=7)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -278,7 +402,7 @@ def _finish(plt, fig, ax, points, title, ylabel, path):
 
 
 def plot(points, peak, out_dir):
-    """step_time.png, ratio.png and gflops.png: a column per grid point."""
+    """step_time.png, ratio.png, gflops.png and memory.png: a column per point."""
     plt = cli.plt()
     idx = np.arange(len(points))
     size = (max(8, 0.32 * len(points)), 4.5)
@@ -305,8 +429,16 @@ def plot(points, peak, out_dir):
     ax.axhline(peak["gflops"], color="k", lw=0.8, ls="--",
                label=f"measured matmul peak {peak['gflops']:.1f}")
     _finish(plt, fig, ax, points,
-            "Training step throughput vs a float32 product of the point's layer shape",
-            "GFLOP/s (matrix-product FLOPs / median time)", out_dir / "gflops.png")
+            "Training step throughput vs a float32 product of the point's own shape",
+            "GFLOP/s (MLP: product FLOPs, CNN: XLA's; / median time)", out_dir / "gflops.png")
+
+    fig, ax = plt.subplots(figsize=size)
+    for kind, (m_marker, a_marker) in (("step", ("o", "x")), ("grad", ("s", "+"))):
+        for path, marker in (("manual", m_marker), ("autodiff", a_marker)):
+            ax.plot(idx, [temp_mib(p, f"{path}_{kind}") for p in points], marker,
+                    fillstyle="none", label=f"{path}_{kind}")
+    _finish(plt, fig, ax, points, "XLA temporary memory: manual vs autodiff",
+            "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png")
 
 
 def measure_peak(grid, key, repeats):
@@ -323,34 +455,41 @@ def main(argv=None):
     k_peak, k_grid = jax.random.split(key)
     peak_repeats = 3 if args.quick else 10
     peak_start = measure_peak(args.grid, k_peak, peak_repeats)
-    grid = list(itertools.product(*(args.grid[k] for k in ("batch", "width", "depth", "activation"))))
     points = []
-    bar = tqdm(grid, desc="benchmark", unit="point", file=sys.stderr)
-    for i, (batch, width, depth, activation) in enumerate(bar):
-        bar.set_postfix_str(f"B{batch} W{width} D{depth} {activation}")
-        points.append(bench_point(batch, width, depth, activation,
-                                  jax.random.fold_in(k_grid, i), args))
+    bar = tqdm(specs(args), desc="benchmark", unit="point", file=sys.stderr)
+    for i, spec in enumerate(bar):
+        bar.set_postfix_str(spec.label)
+        points.append(bench_point(spec, jax.random.fold_in(k_grid, i), args))
     bar.close()
     peak_end = measure_peak(args.grid, k_peak, peak_repeats)
     # The same product is also timed inside the rounds of every point of that shape. On a
     # shared machine each figure is a low bound, so the peak is the fastest of them: the
     # conservative choice for the "fraction of peak" target.
     b, w = max(args.grid["batch"]), max(args.grid["width"])
-    in_rounds = [p["gflops"]["matmul"] for p in points if (p["batch"], p["width"]) == (b, w)]
+    in_rounds = [p["gflops"]["matmul"] for p in points if p["matmul_shape"] == [b, w, w]]
     peak = {**max(peak_start, peak_end, key=lambda p: p["gflops"]), "start": peak_start,
             "end": peak_end, "in_rounds": in_rounds}
     peak["gflops"] = max([peak["gflops"], *in_rounds])
     forms = bench.product_forms_gflops(b, w, w, repeats=peak_repeats, key=k_peak)
-    summary = summarize(points, peak)
+    summary = {family: summarize([p for p in points if p["family"] == family], peak)
+               for family in args.models}
     results = {
         "experiment": "benchmark",
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "device": info,
-        "config": {"grid": {k: list(v) for k, v in args.grid.items()}, "seed": args.seed,
+        "config": {"models": list(args.models),
+                   "grid": {k: list(v) for k, v in args.grid.items()} if "mlp" in args.models
+                   else None,
+                   "cnns": ({name: {**c, "in_shape": list(c["in_shape"])}
+                             for name, c in args.cnns.items()} if "cnn" in args.models else None),
+                   "seed": args.seed,
                    "quick": args.quick, "budget_s": args.budget,
                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                    "n_classes": N_CLASSES, "optimizer": "optax.adam(1e-3)",
-                   "dtype": "float32", "step_donates": "params, opt_state"},
+                   "dtype": "float32", "step_donates": "params, opt_state",
+                   "flops": {"mlp": "counted by hand: the matrix products (mlp_step_flops)",
+                             "cnn": "XLA's compiled.cost_analysis()['flops'] (forward; "
+                                    "autodiff_grad for gradients and steps)"}},
         "peak_matmul": peak,
         "product_forms_gflops": forms,
         "summary": summary,
@@ -361,53 +500,63 @@ def main(argv=None):
     write_json(args.out / "results.json", results)
     plot(points, peak, args.out)
     write_atomic(args.out / "table.md", lambda f: f.write(markdown(results).encode()))
-    print_table(points, summary)
+    print_table(points, summary, peak)
     print(f"wrote {args.out / 'results.json'} and plots in {time.perf_counter() - start:.0f} s")
 
 
+def temp_mib(point, name) -> float:
+    """XLA's temporary memory of one compiled function of a point, MiB (NaN: unreported)."""
+    return point["xla"][name]["memory"].get("temp_bytes", math.nan) / 2**20
+
+
+def summary_lines(family, s, peak) -> list[str]:
+    """The summary of one family in two sentences."""
+    return [f"{family.upper()} step ratio manual/autodiff: median {s['ratio_step_median']:.3f}, "
+            f"max {s['ratio_step_max']:.3f} ({s['ratio_step_max_at']}); gradient-only ratio: "
+            f"median {s['ratio_grad_median']:.3f}, max {s['ratio_grad_max']:.3f} "
+            f"({s['n_points']} points).",
+            f"Largest {family.upper()} point {s['largest_point']}: manual step "
+            f"{s['largest_manual_step_gflops']:.1f} GFLOP/s, autodiff step "
+            f"{s['largest_autodiff_step_gflops']:.1f} GFLOP/s; measured float32 matmul peak "
+            f"{peak['gflops']:.1f} GFLOP/s ({'×'.join(map(str, peak['shape']))}), so "
+            f"{100 * s['largest_manual_step_peak_fraction']:.0f}% of peak. Targets: "
+            + ", ".join(f"{k} {v}" for k, v in s["targets"].items()) + "."]
+
+
 def markdown(results) -> str:
-    """The per-point table and the summary of a results.json, as Markdown."""
-    s, peak = results["summary"], results["peak_matmul"]
+    """The per-point table and the summary per family of a results.json, as Markdown."""
+    peak = results["peak_matmul"]
     lines = ["| point | step ms manual | step ms autodiff | step ratio (IQR) | grad ratio | "
-             "GFLOP/s manual step | step / own matmul | temp MiB manual | temp MiB autodiff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "GFLOP/s manual step | step / own matmul | step temp MiB manual | "
+             "step temp MiB autodiff | grad temp MiB manual | grad temp MiB autodiff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in results["points"]:
         r, t = p["ratio_step"], p["time_s"]
-        mem = [p["xla"][f"{k}_step"]["memory"].get("temp_bytes", math.nan) / 2**20
-               for k in ("manual", "autodiff")]
-        lines.append(f"| {label(p)} | {t['manual_step']['median'] * 1e3:.2f} | "
+        mem = " | ".join(f"{temp_mib(p, f'{path}_{kind}'):.2f}" for kind in ("step", "grad")
+                         for path in ("manual", "autodiff"))
+        lines.append(f"| {p['label']} | {t['manual_step']['median'] * 1e3:.2f} | "
                      f"{t['autodiff_step']['median'] * 1e3:.2f} | {r['median']:.3f} "
                      f"({r['q25']:.2f}–{r['q75']:.2f}) | {p['ratio_grad']['median']:.3f} | "
                      f"{p['gflops']['manual_step']:.1f} | {p['step_vs_matmul']['manual']:.2f} | "
-                     f"{mem[0]:.2f} | {mem[1]:.2f} |")
-    lines += ["", f"Step ratio manual/autodiff: median {s['ratio_step_median']:.3f}, max "
-              f"{s['ratio_step_max']:.3f} ({s['ratio_step_max_at']}); gradient-only ratio: "
-              f"median {s['ratio_grad_median']:.3f}, max {s['ratio_grad_max']:.3f}.",
-              f"Largest point {s['largest_point']}: manual step "
-              f"{s['largest_manual_step_gflops']:.1f} GFLOP/s, autodiff step "
-              f"{s['largest_autodiff_step_gflops']:.1f} GFLOP/s; measured float32 matmul peak "
-              f"{peak['gflops']:.1f} GFLOP/s ({'×'.join(map(str, peak['shape']))}), so "
-              f"{100 * s['largest_manual_step_peak_fraction']:.0f}% of peak."]
+                     f"{mem} |")
+    for family, s in results["summary"].items():
+        lines += [""] + summary_lines(family, s, peak)
     return "\n".join(lines) + "\n"
 
 
-def print_table(points, s):
-    head = (f"{'point':<24}{'step ms man':>12}{'step ms auto':>13}{'ratio':>7}{'grad ratio':>11}"
-            f"{'GF/s man':>9}{'temp MB man':>12}{'temp MB auto':>13}")
+def print_table(points, summary, peak):
+    head = (f"{'point':<32}{'step ms man':>12}{'step ms auto':>13}{'ratio':>7}{'grad ratio':>11}"
+            f"{'GF/s man':>9}{'temp MiB man':>13}{'temp MiB auto':>14}")
     print(head)
     print("-" * len(head))
     for p in points:
-        mem = [p["xla"][f"{k}_step"]["memory"].get("temp_bytes", math.nan) / 1e6
-               for k in ("manual", "autodiff")]
-        print(f"{label(p):<24}{p['time_s']['manual_step']['median'] * 1e3:>12.3f}"
+        print(f"{p['label']:<32}{p['time_s']['manual_step']['median'] * 1e3:>12.3f}"
               f"{p['time_s']['autodiff_step']['median'] * 1e3:>13.3f}"
               f"{p['ratio_step']['median']:>7.3f}{p['ratio_grad']['median']:>11.3f}"
-              f"{p['gflops']['manual_step']:>9.1f}{mem[0]:>12.2f}{mem[1]:>13.2f}")
-    print(f"step ratio median {s['ratio_step_median']:.3f}, max {s['ratio_step_max']:.3f} "
-          f"({s['ratio_step_max_at']}); largest point {s['largest_point']}: "
-          f"{s['largest_manual_step_gflops']:.1f} GFLOP/s = "
-          f"{100 * s['largest_manual_step_peak_fraction']:.0f}% of measured matmul peak "
-          f"{s['peak_matmul_gflops']:.1f}; targets: {s['targets']}")
+              f"{p['gflops']['manual_step']:>9.1f}{temp_mib(p, 'manual_step'):>13.2f}"
+              f"{temp_mib(p, 'autodiff_step'):>14.2f}")
+    for family, s in summary.items():
+        print(*summary_lines(family, s, peak))
 
 
 if __name__ == "__main__":

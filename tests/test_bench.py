@@ -119,7 +119,9 @@ def test_saved_bytes_counts_distinct_arrays_and_inputs_apart():
 @pytest.mark.parametrize("argv,flag", [(["--batch", "0"], "--batch"),
                                        (["--width", "a,b"], "--width"),
                                        (["--activation", "nope"], "nope"),
-                                       (["--budget", "-1"], "--budget")])
+                                       (["--budget", "-1"], "--budget"),
+                                       (["--models", "mlp,rnn"], "rnn"),
+                                       (["--models", "cnn", "--width", "8"], "--width")])
 def test_bad_flags_name_the_argument(argv, flag, capsys):
     script = load_script()
     with pytest.raises(SystemExit) as exc:
@@ -128,12 +130,56 @@ def test_bad_flags_name_the_argument(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_models_flag_chooses_the_families():
+    script = load_script()
+    assert script.parse_args([]).models == ("mlp", "cnn")  # the full run has both
+    assert [s.family for s in script.specs(script.parse_args(["--quick", "--models", "cnn"]))] \
+        == ["cnn"] * len(script.QUICK_CNNS)
+    assert {s.family for s in script.specs(script.parse_args(["--quick", "--models", "mlp"]))} \
+        == {"mlp"}
+
+
+def test_cnn_specs_build_the_issue_models():
+    # Built, not compiled or timed: the MNIST-1D CNN is mnist1d_models.build("cnn", 32).
+    script = load_script()
+    one = script.cnn_spec("cnn1d", **script.CNNS["cnn1d"])
+    built, shape = script._mnist1d_build()("cnn", 32)
+    assert (one.model == built, one.in_shape, one.batch) == (True, (40, 1), 100)
+    assert one.matmul == (100 * 40, 5 * 32, 32) and one.flops is None  # XLA counts
+    two = script.cnn_spec("cnn2d", **script.CNNS["cnn2d"])
+    assert (two.in_shape, two.batch, two.matmul) == ((32, 32, 3), 128, (128 * 32 * 32, 9 * 64, 64))
+    params = jax.eval_shape(lambda k: two.model.init(k, two.in_shape)[1], jax.random.key(0))
+    x = jax.ShapeDtypeStruct((two.batch, *two.in_shape), jnp.float32)
+    assert jax.eval_shape(two.model.apply, params, x).shape == (128, 10)
+    convs = [p["W"].shape for p in params if isinstance(p, dict) and "W" in p
+             and p["W"].ndim == 4]
+    assert convs == [(3, 3, 3, 64)] + [(3, 3, 64, 64)] * 3
+    with pytest.raises(ValueError, match="unknown CNN"):
+        script.cnn_spec("cnn3d", 1, 1, (4, 4, 4, 1))
+
+
+def test_xla_counts_conv_flops_of_real_taps():
+    # What the CNN points' GFLOP/s rest on: cost_analysis() reports a convolution's FLOPs
+    # on CPU: 2 per multiply-add of the kernel taps that meet real input ("SAME" padding
+    # is not counted), plus one per bias add.
+    batch, c, o, in_shape = 2, 4, 6, (10, 10, 4)
+    # taps per (example, channel pair): VALID 8×8 outputs × 9; SAME 10×10 outputs, where
+    # along each axis the 10 windows' 3 taps meet 3·10 − 2 real rows in all (the two end
+    # windows each lose one tap to the padding)
+    for padding, positions, taps in (("VALID", 8 * 8, 8 * 8 * 9), ("SAME", 10 * 10, 28 * 28)):
+        layer = jbp.conv(o, 3, padding=padding)
+        params = {"W": jnp.ones((3, 3, c, o)), "b": jnp.ones((o,))}  # no random draw to compile
+        compiled, _ = bench.compile_timed(layer.apply, params, jnp.ones((batch, *in_shape)))
+        flops = bench.compiled_stats(compiled)["cost"]["flops"]
+        assert flops == 2 * batch * taps * c * o + batch * positions * o, padding
+
+
 def test_quick_run_writes_results_and_plots(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for png in ("step_time.png", "ratio.png", "gflops.png", "table.md"):
+    for png in ("step_time.png", "ratio.png", "gflops.png", "memory.png", "table.md"):
         assert (out / png).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert {"experiment", "command", "device", "config", "peak_matmul", "summary", "points",
@@ -141,20 +187,36 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert {"platform", "device_kind", "jax", "jaxlib", "cpu_count"} <= set(results["device"])
     assert results["peak_matmul"]["gflops"] > 0
     assert {"forward", "input_grad", "weight_grad"} <= set(results["product_forms_gflops"])
-    assert set(results["summary"]["targets"]) == {
-        "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
-        "manual_step_temp_le_autodiff", "manual_grad_temp_le_autodiff"}
-    grid = results["config"]["grid"]
-    n_points = np.prod([len(grid[k]) for k in ("batch", "width", "depth", "activation")])
-    assert len(results["points"]) == n_points >= 2
+    config = results["config"]
+    assert config["models"] == ["mlp", "cnn"] == list(results["summary"])
+    for family, summary in results["summary"].items():
+        assert set(summary["targets"]) == {
+            "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
+            "manual_step_temp_le_autodiff", "manual_grad_temp_le_autodiff"}
+        assert summary["n_points"] == sum(p["family"] == family for p in results["points"])
+    grid = config["grid"]
+    n_mlp = np.prod([len(grid[k]) for k in ("batch", "width", "depth", "activation")])
+    assert len(results["points"]) == n_mlp + len(config["cnns"]) >= 3
+    families = [p["family"] for p in results["points"]]
+    assert families == ["mlp"] * n_mlp + ["cnn"] * len(config["cnns"])
+    table = (out / "table.md").read_text()
     for point in results["points"]:
+        assert f"| {point['label']} |" in table
         assert set(point["time_s"]) == {"forward", "manual_grad", "autodiff_grad",
                                         "manual_step", "autodiff_step", "matmul"}
         assert set(point["compile_s"]) == set(point["time_s"])
         for key in ("ratio_step", "ratio_grad"):
             assert len(point[key]["ratios"]) == point["repeats"]
             assert point[key]["median"] > 0
-        assert point["flops"] == bench.mlp_step_flops(point["batch"], point["sizes"])
+        if point["family"] == "mlp":
+            assert point["flops"] == bench.mlp_step_flops(point["batch"], point["sizes"])
+            assert point["flops_source"].startswith("counted")
+        else:  # XLA's figures: the forward's, and the autodiff gradient's for both paths
+            xla = point["xla"]
+            assert point["flops"]["forward"] == xla["forward"]["cost"]["flops"]
+            assert point["flops"]["step"] == xla["autodiff_grad"]["cost"]["flops"]
+            assert point["flops_source"].startswith("xla")
+            assert point["gflops"]["manual_step"] > 0 and point["gflops"]["autodiff_step"] > 0
         for name in ("forward", "manual_grad", "autodiff_grad", "manual_step", "autodiff_step"):
             assert point["xla"][name]["memory"]["temp_bytes"] >= 0
             assert point["xla"][name]["cost"]["flops"] > 0
