@@ -85,7 +85,8 @@ def measure(model, params, state, x, y):
     gradient, for comparisons."""
     _, grads, deltas = jbp.backprop(model, LOSS, params, x, y, train=True, state=state)
     blocks = range(1, len(deltas) - 1)  # deltas: input projection, blocks, head
-    return {"delta_norm": [float(jnp.linalg.norm(deltas[i])) for i in blocks],
+    norms = [float(jnp.linalg.norm(deltas[i])) for i in blocks]
+    return {"delta_norm": norms, "first_over_last": norms[0] / norms[-1],
             "weight_grad_norm": [float(jnp.linalg.norm(grads[i][0]["W"])) for i in blocks],
             "output_delta_norm": float(jnp.linalg.norm(deltas[-1]))}, grads
 
@@ -213,19 +214,22 @@ def plot_deltas(path, runs, args):
 
 
 def print_table(runs, args):
-    print(f"test accuracy after {args.epochs} epochs; at the deepest, ‖δ‖ = ‖∂C/∂(block "
-          f"output)‖ at the first block / at the last, at init and after training")
+    print(f"test accuracy after {args.epochs} epochs; at the deepest, the train accuracy and "
+          f"‖δ‖ at the first block / at the last, at init and after training")
     print(f"{'activation':<11}{'variant':<10}" + "".join(f"{d:>8}" for d in args.depths)
-          + f"{'ratio init':>12}{'trained':>10}")
+          + f"{'train':>8}{'ratio init':>12}{'trained':>10}")
+    def cell(value, width, spec):
+        return f"{'-' if value is None else format(value, spec):>{width}}"
+
     for act in args.activations:
         for variant in args.variants:
             rows = [r for r in runs if r["activation"] == act and r["variant"] == variant]
-            accs = "".join("     nan" if r["test_accuracy"] is None
-                           else f"{r['test_accuracy']:>8.3f}" for r in rows)
-            ratio = lambda m: m["delta_norm"][0] / m["delta_norm"][-1]  # noqa: E731
             deepest = rows[-1]
-            trained = f"{ratio(deepest['trained']):>10.2e}" if "trained" in deepest else "       -"
-            print(f"{act:<11}{variant:<10}{accs}{ratio(deepest['init']):>12.2e}{trained}")
+            print(f"{act:<11}{variant:<10}"
+                  + "".join(cell(r["test_accuracy"], 8, ".3f") for r in rows)
+                  + cell(deepest["train_accuracy"], 8, ".3f")
+                  + cell(deepest["init"]["first_over_last"], 12, ".2e")
+                  + cell(deepest.get("trained", {}).get("first_over_last"), 10, ".2e"))
 
 
 def main(argv=None):
