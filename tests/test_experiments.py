@@ -86,6 +86,24 @@ def test_vanishing_gradients_quick(tmp_path, env):
     assert_png(tmp_path / "vanishing_gradients.png")
 
 
+def test_depth_residual_quick(tmp_path, env):
+    results, stdout = run_quick("depth_residual.py", tmp_path, env)
+    cfg = results["config"]
+    for r in results["runs"]:
+        for when in ("init", "trained"):  # one delta per block, at the same positions
+            assert len(r[when]["delta_norm"]) == r["depth"]
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+    deepest = [r["init"] for r in results["runs"] if r["depth"] == max(cfg["depths"])]
+    assert len(deepest) == len(cfg["variants"]) * len(cfg["activations"])
+    assert all(d["rel_error_vs_autodiff"] < 1e-5 for d in deepest)
+    both = results["manual_vs_autodiff"]  # same init, same batches, either gradient
+    assert both["manual_test_accuracy"] == pytest.approx(both["autodiff_test_accuracy"], abs=0.01)
+    assert both["max_loss_diff"] < 1e-4
+    assert "ratio init" in stdout
+    assert_png(tmp_path / "accuracy.png")
+    assert_png(tmp_path / "deltas.png")
+
+
 def load_script(name):
     """An experiment script as a module (its main() not run)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
@@ -148,7 +166,8 @@ def test_data_parallel_quick(tmp_path, env):
     assert_png(tmp_path / "scaling.png")
 
 
-@pytest.mark.parametrize("name", ["compare_training", "depth", "vanishing_gradients",
+@pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
+                                  "vanishing_gradients",
                                   "per_example", "dp_sgd", "data_parallel"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
