@@ -1,6 +1,6 @@
 """embedding: the scatter-add backward equals jax.vjp of its own forward; repeated ids
 accumulate; the ids get float0; out-of-range ids; a model embedding -> layer_norm -> dense
-through every gradient function; check_layer's integer inputs; bad input."""
+and a model holding every layer of the CNN family through every gradient function; check_layer's integer inputs; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +53,44 @@ def _model(dtype):
                       jbp.dense(3, dtype=dtype))
 
 
-def test_model_through_every_gradient_function(dtype):
-    """embedding → layer_norm → dense → tanh → flatten (over T) → dense, the embedding first
-    (its float0 dx is where the backward pass ends). Both dtypes: backprop == jax.grad ==
-    jax.grad through as_custom_vjp. float64 also: == central differences; per-example
-    gradients and norms == vmap(grad); hvp == jvp of grad; ggn_diagonal == diag(Jᵀ H J);
-    per-example variance and DP-SGD's clipped mean from vmap(grad); check_grads, order 2."""
-    model = _model(dtype)
+def _every_new_layer(dtype):
+    """embedding, conv, batch_norm (evaluation mode), max and avg pool, a residual block
+    with layer_norm, a parallel concat of two convolutions, global_avg_pool, dense."""
+    block = jbp.serial(jbp.conv(6, 3, dtype=dtype), jbp.layer_norm(dtype=dtype), jbp.tanh())
+    branches = jbp.parallel(jbp.conv(2, 1, dtype=dtype),
+                            jbp.serial(jbp.conv(3, 3, dilation=2, dtype=dtype), jbp.relu()),
+                            combine="concat")
+    return jbp.serial(jbp.embedding(7, 4, dtype=dtype), jbp.conv(6, 3, dtype=dtype),
+                      jbp.batch_norm(dtype=dtype), jbp.tanh(), jbp.max_pool(2, 1, "SAME"),
+                      jbp.residual(block), jbp.avg_pool(2), branches, jbp.global_avg_pool(),
+                      jbp.dense(3, dtype=dtype))
+
+
+MODELS = {  # name: (builder, the shapes of backprop's deltas for ids (6, 4))
+    "embedding-layer_norm": (_model, [(6, 4, 6), (6, 4, 6), (6, 4, 5), (6, 4, 5), (6, 20),
+                                      (6, 3)]),
+    "every-new-layer": (_every_new_layer, [(6, 4, 4)] + [(6, 4, 6)] * 5 + [(6, 2, 6),
+                                           (6, 2, 5), (6, 5), (6, 3)]),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_through_every_gradient_function(name, dtype):
+    """Both dtypes: backprop == jax.grad == jax.grad through as_custom_vjp. float64 also: ==
+    central differences; per-example gradients and norms == vmap(grad); hvp == jvp of grad;
+    ggn_diagonal == diag(Jᵀ H J); per-example variance and DP-SGD's clipped mean from
+    vmap(grad); check_grads, order 2. The embedding comes first (its float0 dx is where the
+    backward pass ends); batch norm runs in evaluation mode with a random state."""
+    build, delta_shapes = MODELS[name]
+    model = build(dtype)
     _, params = model.init(jax.random.key(0), (4,))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(
         lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.3, dtype), cast(params, dtype))
+    kw = {}
+    if model.stateful:
+        kw["state"] = jax.tree_util.tree_map(
+            lambda s: jnp.asarray(rng.uniform(0.5, 2, s.shape), dtype), model.init_state((4,)))
     ids = jnp.asarray(rng.integers(0, 7, (6, 4)), jnp.int32)
     ids = ids.at[0].set(jnp.array([2, 2, 5, 2], jnp.int32))  # repeats inside one example
     y = jnp.array([0, 1, 2, 1, 0, 2])
@@ -71,48 +98,54 @@ def test_model_through_every_gradient_function(dtype):
     apply = jbp.as_custom_vjp(model)
     flat, unravel = ravel_pytree(params)
 
+    def out_of(p, i, f=model.apply):
+        out = f(p, i, **kw)
+        return out[0] if model.stateful else out
+
     def cost(p):
-        return CE.value(model.apply(p, ids), y)
+        return CE.value(out_of(p, ids), y)
 
     @jax.jit
     def run(params, v):
-        grads = {"backprop": jbp.backprop(model, CE, params, ids, y),
-                 "auto": jbp.autodiff_value_and_grad(model, CE)(params, ids, y),
-                 "bridge": jax.grad(lambda p: CE.value(apply(p, ids), y))(params)}
+        grads = {"backprop": jbp.backprop(model, CE, params, ids, y, **kw),
+                 "auto": jbp.autodiff_value_and_grad(model, CE)(params, ids, y, **kw),
+                 "bridge": jax.grad(lambda p: CE.value(out_of(p, ids, apply), y))(params)}
         if dtype != jnp.float64:
             return grads, {}
-        ref = jax.vmap(jax.grad(lambda p, i, t: CE.value(model.apply(p, i[None]), t[None])),
+        ref = jax.vmap(jax.grad(lambda p, i, t: CE.value(out_of(p, i[None]), t[None])),
                        in_axes=(None, 0, 0))(params, ids, y)
-        out = model.apply(params, ids)
-        jac = jax.jacrev(lambda f: model.apply(unravel(f), ids))(flat).reshape(out.size, -1)
+        out = out_of(params, ids)
+        jac = jax.jacrev(lambda f: out_of(unravel(f), ids))(flat).reshape(out.size, -1)
         hess = jax.hessian(lambda o: CE.value(o, y))(out).reshape(out.size, out.size)
         pairs = {  # name: (jbp, reference)
             "finite differences": (grads["backprop"][1],
-                                   jbp.numerical_value_and_grad(model, CE)(params, ids, y)[1]),
-            "per_example_grads": (jbp.per_example_grads(model, CE)(params, ids, y), ref),
-            "per_example_grad_norms": (jbp.per_example_grad_norms(model, CE)(params, ids, y),
-                                       _norms(ref)),
-            "hvp": (jbp.hvp(model, CE)(params, ids, y, v),
+                                   jbp.numerical_value_and_grad(model, CE)(params, ids, y,
+                                                                           **kw)[1]),
+            "per_example_grads": (jbp.per_example_grads(model, CE)(params, ids, y, **kw), ref),
+            "per_example_grad_norms": (jbp.per_example_grad_norms(model, CE)(params, ids, y,
+                                                                             **kw), _norms(ref)),
+            "hvp": (jbp.hvp(model, CE)(params, ids, y, v, **kw),
                     jax.jvp(jax.grad(cost), (params,), (v,))[1]),
-            "ggn_diagonal": (jbp.ggn_diagonal(model, CE)(params, ids, y),
+            "ggn_diagonal": (jbp.ggn_diagonal(model, CE)(params, ids, y, **kw),
                              unravel(jnp.einsum("ap,ab,bp->p", jac, hess, jac))),
             "per_example_grad_variance": (
-                jbp.per_example_grad_variance(model, CE)(params, ids, y)[1],
+                jbp.per_example_grad_variance(model, CE)(params, ids, y, **kw)[1],
                 jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)),
-            "clipped_grad_mean": (jbp.clipped_grad_mean(model, CE, 0.1)(params, ids, y)[0],
+            "clipped_grad_mean": (jbp.clipped_grad_mean(model, CE, 0.1)(params, ids, y, **kw)[0],
                                   _clipped(ref, 0.1))}
         return grads, pairs
 
     grads, pairs = run(params, v)
     (value, manual, deltas), (auto_value, auto) = grads["backprop"], grads["auto"]
+    if model.stateful:
+        (value, _), (auto_value, _) = value, auto_value
     assert abs(value - auto_value) <= rtol(dtype) * abs(value)
     assert rel_err(manual, auto) <= rtol(dtype) and rel_err(grads["bridge"], auto) <= rtol(dtype)
-    assert [d.shape for d in deltas] == [(6, 4, 6), (6, 4, 6), (6, 4, 5), (6, 4, 5), (6, 20),
-                                         (6, 3)]
+    assert [d.shape for d in deltas] == delta_shapes
     for name, (got, want) in pairs.items():
         assert rel_err(got, want) <= (1e-6 if name == "finite differences" else 1e-10), name
     if dtype == jnp.float64:  # the bridge from outside: reverse mode, first and second order
-        check_grads(jax.jit(lambda p: apply(p, ids)), (params,), order=2, modes=["rev"])
+        check_grads(jax.jit(lambda p: out_of(p, ids, apply)), (params,), order=2, modes=["rev"])
 
 
 def _norms(per_example):
