@@ -21,6 +21,7 @@ from jbp.layers import activations
 from jbp.layers.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
 from jbp.bridge import as_custom_vjp
+from jbp.layers.attention import attention
 from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
 from jbp.check_layer import LayerReport, check_layer
@@ -53,6 +54,7 @@ __all__ = [
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "embedding",
+    "attention",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
