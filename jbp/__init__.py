@@ -41,6 +41,7 @@ from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
+from jbp.layers.transformer import positional_embedding, transformer_block
 from jbp.train import fit
 from jbp import data_parallel, distributed
 from jbp.data_parallel import data_mesh, data_parallel_value_and_grad
@@ -54,7 +55,7 @@ __all__ = [
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "embedding",
-    "attention",
+    "attention", "positional_embedding", "transformer_block",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them
