@@ -15,7 +15,7 @@
   per-example functions). The MLP's last dense maps back to the model width ``d``, which
   only the input tells: the block is built for the ``d`` it meets (in ``init`` from the
   per-example shape, in ``forward``/``walk`` from the array), and equal widths build equal
-  blocks.
+  blocks. So the Layer lists no ``layers`` of its own: its children exist per width.
 """
 
 import math
