@@ -112,7 +112,9 @@ def test_central_differences():
                                                          jax.tree_util.tree_leaves(d)))
                       for d in directions]
             h = 1e-5
-            step = lambda d, s: jax.tree_util.tree_map(lambda a, u: a + s * h * u, theta, d)  # noqa: E731
+            def step(d, sign):
+                return jax.tree_util.tree_map(lambda a, u: a + sign * h * u, theta, d)
+
             central = [(cost(step(d, 1)) - cost(step(d, -1))) / (2 * h) for d in directions]
             return jnp.stack(manual), jnp.stack(central)
 
@@ -283,9 +285,11 @@ def test_bad_input_is_refused_naming_the_layer():
                     (jnp.ones((1, 0, 3)), r"1 ≤ T ≤ max_len = 4 positions, got T = 0"),
                     (jnp.ones((1, 2, 2)), r"input of shape \(B, T, 3\), got \(1, 2, 2\)"),
                     (jnp.ones((2, 3)), r"input of shape \(B, T, 3\), got \(2, 3\)")):
-        with pytest.raises(ValueError, match=r"^positional_embedding\(4, learned\): expected " + what):
+        with pytest.raises(ValueError, match=r"^positional_embedding\(4, learned\): expected "
+                                             + what):
             pos.apply(p, x)
-    with pytest.raises(ValueError, match=r"^positional_embedding\(4, sinusoidal\): expected 1 ≤ T"):
+    with pytest.raises(ValueError, match=r"^positional_embedding\(4, sinusoidal\): "
+                                         r"expected 1 ≤ T"):
         jbp.positional_embedding(4, "sinusoidal").apply({}, jnp.ones((1, 5, 3)))
     for args, what in (((0,), "max_len must be a positive int"),
                        ((4, "rotary"), "kind must be one of")):

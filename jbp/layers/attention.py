@@ -23,7 +23,7 @@ by block, ``p_j = exp(s_j − lse)``, and::
 
     D   = rowsum(do ∘ o)            (T,): equals rowsum(p ∘ dp), since o = p v
     dv_j = p_jᵀ do                  dp_j = do v_jᵀ
-    ds_j = p_j ∘ (dp_j − D)         (softmax backward: ∂C/∂s = p ∘ (∂C/∂p − rowsum(p ∘ ∂C/∂p)))
+    ds_j = p_j ∘ (dp_j − D)         the softmax backward: ∂C/∂s = p ∘ (∂C/∂p − rowsum(p ∘ ∂C/∂p))
     dq  += c · ds_j k_j             dk_j = c · ds_jᵀ q
 
 Rounding, where the softmax saturates (scores in the hundreds: one key takes nearly all of
@@ -69,7 +69,8 @@ def _blocking(t: int, block: int) -> tuple[int, int]:
 
 
 def _key_blocks(a, block: int, n_blocks: int):
-    """``a (B, H, T, Dh)`` zero-padded to ``n_blocks·block`` rows -> ``(n_blocks, B, H, block, Dh)``."""
+    """``a (B, H, T, Dh)``, zero-padded to ``n_blocks·block`` rows, as
+    ``(n_blocks, B, H, block, Dh)``."""
     b, h, t, dh = a.shape
     a = jnp.pad(a, ((0, 0), (0, 0), (0, n_blocks * block - t), (0, 0)))
     return a.reshape(b, h, n_blocks, block, dh).transpose(2, 0, 1, 3, 4)
@@ -175,7 +176,7 @@ def _inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
 
 
 def _rule(causal: bool, block: int) -> PerExampleRule:
-    """∂ℓ_i/∂W = Σ_t a_it δ_itᵀ per projection. Attention mixes the positions of an example,
+    """∂ℓ_i/∂W = Σ_t a_it δ_itᵀ per projection. Attention mixes an example's positions,
     never examples: the blocked backward run on the per-example delta (row i: ∂ℓ_i/∂y_i) gives
     example i's own δ at every projection, so the batched backward *is* the per-example one;
     only the sums over the batch are left out."""
@@ -260,7 +261,8 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
             raise ValueError(f"{who}: expected input of shape (B, T, {d}) (batch, positions, "
                              f"the {d} features the params were built for), got {tuple(x.shape)}")
         if x.shape[1] == 0:
-            raise ValueError(f"{who}: expected at least one position, got T = 0 in {tuple(x.shape)}")
+            raise ValueError(f"{who}: expected at least one position, got T = 0 in "
+                             f"{tuple(x.shape)}")
         q = split_heads(x @ params["q"]["W"] + params["q"]["b"], heads)
         k = split_heads(x @ params["k"]["W"], heads)
         v = split_heads(x @ params["v"]["W"] + params["v"]["b"], heads)
