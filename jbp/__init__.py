@@ -21,6 +21,7 @@ from jbp.layers import activations
 from jbp.layers.activations import (elementwise, elu, gelu, identity, leaky_relu, relu, sigmoid, silu,
                              softplus, tanh)
 from jbp.bridge import as_custom_vjp
+from jbp.layers.attention import attention
 from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
                        numerical_value_and_grad)
 from jbp.check_layer import LayerReport, check_layer
@@ -41,6 +42,7 @@ from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
+from jbp.layers.transformer import positional_embedding, transformer_block
 from jbp.train import fit
 from jbp import data_parallel, distributed
 from jbp.data_parallel import data_mesh, data_parallel_value_and_grad
@@ -55,6 +57,7 @@ __all__ = [
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
     "rnn", "gru", "lstm", "bidirectional",
+    "attention", "positional_embedding", "transformer_block",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them

@@ -167,8 +167,8 @@ def test_data_parallel_quick(tmp_path, env):
 
 
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
-                                  "vanishing_gradients",
-                                  "per_example", "dp_sgd", "data_parallel"])
+                                  "vanishing_gradients", "per_example", "dp_sgd",
+                                  "data_parallel", "attention_memory"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -194,3 +194,17 @@ def test_mnist1d_models_quick(tmp_path, env):
         assert manual["test_accuracy"] == pytest.approx(auto["test_accuracy"], abs=0.02), name
     assert "paper" in stdout and "cnn" in stdout
     assert_png(tmp_path / "accuracy.png")
+
+
+def test_attention_memory_quick(tmp_path, env):
+    """The three gradients of one tiny attention (T = 20 in 3 key blocks, one padded) agree,
+    and every figure the full run reports is there."""
+    results, stdout = run_quick("attention_memory.py", tmp_path, env)
+    (point,) = results["points"]
+    assert (point["T"], point["n_blocks"]) == (20, 3)
+    assert max(point["max_rel_err"].values()) < 1e-5
+    for name in ("manual", "plain", "checkpoint"):
+        assert point[name]["time"]["median"] > 0 and "temp_bytes" in point[name]["memory"]
+    assert point["time_ratio"]["manual"]["median"] > 0
+    assert results["target"]["measured"] is False and "T = 2048 not in this sweep" in stdout
+    assert_png(tmp_path / "attention_memory.png")
