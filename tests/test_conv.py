@@ -1,5 +1,5 @@
 """conv and pooling: each hand-written backward against jax.vjp of its own forward, a small CNN
-against jax.grad and central differences, per-example rules against vmap(grad), max-pool
+and random CNN architectures (hypothesis) against jax.grad and central differences, per-example rules against vmap(grad), max-pool
 ties against jax.grad bit for bit, and every bad input.
 
 Compiles dominate the run time: shapes are small, and each jitted function is shared.
@@ -150,6 +150,77 @@ def test_random_conv_geometries(data):
     with jax.enable_x64(True):
         _assert_backward_equals_vjp(layer, (*size, 2 * groups), jnp.float64,
                                     data.draw(st.integers(1, 3), "batch"))
+
+
+@st.composite
+def cnns(draw):
+    """A random CNN: 1–3 blocks of conv (random channels, kernel, stride, padding), an
+    activation, maybe batch norm, maybe a pool, each block maybe residual (then shape-keeping);
+    a global average pool and a dense head. Returns (model, per-example input shape)."""
+    n = draw(st.sampled_from([1, 2]), "spatial axes")
+    channels = in_channels = draw(st.integers(1, 3), "input channels")
+    size = draw(st.integers(4, 7), "size")
+    layers = []
+    for _ in range(draw(st.integers(1, 3), "blocks")):
+        act = draw(st.sampled_from([jbp.relu(), jbp.tanh(), jbp.gelu()]), "activation")
+        if draw(st.booleans(), "residual"):
+            block = [jbp.conv(channels, draw(st.integers(1, 3), "kernel"), dtype=jnp.float64), act]
+            if draw(st.booleans(), "batch norm"):
+                block.append(jbp.batch_norm(dtype=jnp.float64))
+            layers.append(jbp.residual(jbp.serial(*block)))
+            continue
+        channels = draw(st.integers(1, 4), "channels")
+        layers += [jbp.conv(channels, draw(st.integers(1, 3), "kernel"),
+                            stride=draw(st.integers(1, 2), "stride"),
+                            padding=draw(st.sampled_from(["SAME", "VALID", 1]), "padding"),
+                            dtype=jnp.float64), act]
+        if draw(st.booleans(), "batch norm"):
+            layers.append(jbp.batch_norm(dtype=jnp.float64))
+        pool = draw(st.sampled_from([None, jbp.max_pool, jbp.avg_pool]), "pool")
+        if pool is not None:
+            layers.append(pool(2, 1, "SAME"))
+    layers += [jbp.global_avg_pool(), jbp.dense(3, dtype=jnp.float64)]
+    return jbp.serial(*layers), (size,) * n + (in_channels,)
+
+
+@settings(max_examples=4)
+@given(problem=cnns(), seed=st.integers(0, 2**16))
+def test_random_cnns_manual_equals_autodiff_and_central_differences(problem, seed):
+    """Random CNN architectures in float64, batch norm in training mode: backprop's loss,
+    grads and deltas == jax.grad's (the deltas as gradients with respect to a zero added to
+    every layer's output, ≤ 1e-12), the new state identical, and == central differences."""
+    model, in_shape = problem
+    with jax.enable_x64(True):
+        try:
+            _, params = model.init(jax.random.key(seed), in_shape)
+        except ValueError as err:  # only a kernel larger than a VALID-padded input is drawn away
+            assert "larger than" in str(err), err
+            return
+        rng = np.random.default_rng(seed)
+        x = jnp.asarray(rng.normal(size=(3, *in_shape)))
+        y = jnp.asarray(rng.integers(0, 3, 3))
+        kw = {"train": True, "state": model.init_state(in_shape)} if model.stateful else {}
+
+        def cost(params, offsets):  # each layer's output plus a zero: ∂C/∂offset_i = delta_i
+            a, state = x, kw.get("state", ({},) * len(model.layers))
+            for layer, p, s, e in zip(model.layers, params, state, offsets):
+                a = jbp.layer.run(layer, p, a, train=True, state=s)[0] + e
+            return CE.value(a, y)
+
+        @jax.jit
+        def witnesses(params):
+            value, grads, deltas = jbp.backprop(model, CE, params, x, y, **kw)
+            zeros = tuple(jnp.zeros_like(d) for d in deltas)
+            ref_value, (ref_grads, ref_deltas) = jax.value_and_grad(cost, (0, 1))(params, zeros)
+            fd = jbp.numerical_value_and_grad(model, CE)(params, x, y, **kw)[1]
+            return value, grads, deltas, ref_value, ref_grads, ref_deltas, fd
+
+        value, grads, deltas, ref_value, ref_grads, ref_deltas, fd = witnesses(params)
+        if model.stateful:
+            value = value[0]
+        assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
+        assert rel_err(deltas, ref_deltas) <= 1e-12
+        assert rel_err(grads, ref_grads) <= 1e-12 and rel_err(grads, fd) <= 1e-5
 
 
 # ---------------------------------------------------------------------------- forwards
