@@ -10,8 +10,8 @@ The rules (they keep a comparison of two jitted functions honest):
   before a call (a cache-trashing step, a light product) changes its time by a few
   percent, so it must be the same for both; the per-round ratio ``a/b``
   (:func:`paired_ratios`) is then the robust figure, its median the headline;
-* count FLOPs analytically (:func:`step_flops`, :func:`mlp_step_flops`) and compare with a float32 matrix
-  product timed on the same machine in the same run (:func:`matmul_gflops`).
+* count FLOPs analytically (:func:`step_flops`, :func:`mlp_step_flops`) and compare with
+  a float32 matrix product timed on the same machine in the same run (:func:`matmul_gflops`).
 
 No function here asserts anything about time: a benchmark reports, a test never times.
 """
