@@ -1,4 +1,4 @@
-"""Benchmark: the hand-written backward against jax.grad, on MLPs and CNNs.
+"""Benchmark: the hand-written backward against jax.grad, on MLPs, CNNs, RNNs and attention.
 
 Every point is a model, a batch of random data and 10 classes (float32, softmax
 cross-entropy). For each it compiles, apart from the timing, five jitted functions:
@@ -12,7 +12,7 @@ cross-entropy). For each it compiles, apart from the timing, five jitted functio
 and a reference float32 matrix product of the point's own shape. After warm-up they run
 interleaved, one call each per round, so the paired per-round ratio manual/autodiff is
 robust to a busy machine. One code path (:func:`bench_point`) times every point; the
-points come in two families (``--models``):
+points come in four families (``--models``, all by default):
 
 * ``mlp``: a grid (batch × width × depth × activation) of ``mlp([width]*(depth+1) + [10])``:
   ``depth`` hidden layers of ``width`` units, input size ``width``. FLOPs are counted by
@@ -28,18 +28,33 @@ points come in two families (``--models``):
   convolution taps that meet real input (not "SAME" padding) and element-wise work, so
   its figure is a few percent off the dense formula ``2·B·positions·k·C·O``. The own
   product is the im2col form of the widest convolution, ``(B·positions, k·C) @ (k·C, O)``.
+* ``rnn``: sequence classifiers, ``jbp.rnn``, ``gru`` and ``lstm`` of 128 units on
+  (B 32, T 128, 32 features), the last state into dense(10): BPTT by hand (a reverse
+  ``lax.scan``) against jax.grad of the forward scan. The own product is the recurrent
+  ``(B, H) @ (H, G·H)`` (G gate blocks), the one the scan runs once per step.
+* ``attention``: dense(256) -> ``jbp.attention(4 heads, 64)`` (blocks of 128 keys) ->
+  the mean over T -> dense(10), batch 4, T 512 and 1024, 32 input features: the blocked
+  backward (probabilities recomputed from the log-sum-exp) against jax.grad of the blocked
+  forward. The own product is one projection, ``(B·T, 256) @ (256, 256)``.
+
+  FLOPs of both are counted by hand (:func:`jbp.bench.step_flops`, the matrix products:
+  three per forward product, less the data gradient), not taken from XLA, whose
+  ``cost_analysis()`` counts the body of a ``lax.scan`` (a while loop) once, not once per
+  step. The manual attention backward's recomputed ``q kᵀ`` is extra work, not counted.
 
 The peak is a float32 product of the MLP grid's largest layer shape (measured even when
-only CNN points run), timed at the start, the end and inside the rounds of points whose
+no MLP point runs), timed at the start, the end and inside the rounds of points whose
 own product has that shape.
 
 Writes ``results.json`` (figures per point, a summary and the targets per family, device),
 ``table.md`` and the plots ``step_time.png``, ``ratio.png``, ``gflops.png`` and
-``memory.png`` (a column per point, CNNs after the MLPs) into ``--out``. ``--quick`` runs two
-tiny MLPs and a tiny cnn2d (4 channels, 8×8×3, batch 4) in seconds, for the tests.
+``memory.png`` (a column per point, family by family) into ``--out``. ``--quick`` runs two
+tiny MLPs, a tiny cnn2d (4 channels, 8×8×3, batch 4), a tiny Elman RNN (B 4, T 8, 8 units)
+and a tiny attention model (B 2, T 8, 2 heads of 4, one key block) in seconds, for the tests.
 
     .venv/bin/python experiments/benchmark.py --out runs/benchmark
     .venv/bin/python experiments/benchmark.py --models cnn --out runs/benchmark_cnn
+    .venv/bin/python experiments/benchmark.py --models rnn,attention --out runs/benchmark_seq
     .venv/bin/python experiments/benchmark.py --quick --out /tmp/bench
 """
 
@@ -62,7 +77,7 @@ from jbp import bench, cli
 from jbp.io import write_atomic, write_json
 
 N_CLASSES = 10
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "rnn", "attention")
 GRID = {"batch": (64, 1024), "width": (128, 512, 2048), "depth": (2, 4),
         "activation": ("relu", "tanh")}
 QUICK_GRID = {"batch": (8, 32), "width": (16,), "depth": (1,), "activation": ("relu",)}
@@ -71,6 +86,19 @@ CNNS = {"cnn1d": {"batch": 100, "channels": 32, "in_shape": (40, 1)},
         "cnn2d": {"batch": 128, "channels": 64, "in_shape": (32, 32, 3)}}
 # --quick: one tiny CNN (compiling its five functions costs seconds, whatever its size)
 QUICK_CNNS = {"cnn2d": {"batch": 4, "channels": 4, "in_shape": (8, 8, 3)}}
+# sequence classifiers: a recurrent layer's last state -> dense(10)
+RNNS = {name: {"batch": 32, "steps": 128, "features": 32, "hidden": 128}
+        for name in ("rnn", "gru", "lstm")}
+# --quick: the cheapest to compile (an Elman RNN; attention with one key block), ~4 s CPU each
+QUICK_RNNS = {"rnn": {"batch": 4, "steps": 8, "features": 4, "hidden": 8}}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+# dense(heads·head_dim) -> attention -> mean over T -> dense(10)
+ATTENTIONS = {f"attn{t}": {"batch": 4, "steps": t, "features": 32, "heads": 4, "head_dim": 64,
+                           "block_size": 128} for t in (512, 1024)}
+QUICK_ATTENTIONS = {"attn": {"batch": 2, "steps": 8, "features": 4, "heads": 2, "head_dim": 4,
+                             "block_size": 8}}
+POINTS = {"cnn": (CNNS, QUICK_CNNS), "rnn": (RNNS, QUICK_RNNS),
+          "attention": (ATTENTIONS, QUICK_ATTENTIONS)}  # the families built from named configs
 FUNCS = ("forward", "manual_grad", "autodiff_grad", "manual_step", "autodiff_step", "matmul")
 TARGETS = {"ratio_median_max": 1.00, "ratio_point_max": 1.05, "peak_fraction_min": 0.90}
 
@@ -91,8 +119,9 @@ def positive_ints(flag):
 def parse_args(argv=None):
     parser = cli.experiment_parser(__doc__.splitlines()[0], "runs/benchmark")
     parser.add_argument("--models", default=",".join(MODELS), help="families of points, "
-                        f"comma-separated, from: {', '.join(MODELS)} (cnn: "
-                        f"{', '.join(CNNS)}; --quick: cnn2d alone, 4 channels, 8x8x3)")
+                        f"comma-separated, from: {', '.join(MODELS)} (cnn: {', '.join(CNNS)}; "
+                        f"rnn: {', '.join(RNNS)}; attention: {', '.join(ATTENTIONS)}; --quick: "
+                        "one tiny point of each)")
     parser.add_argument("--batch", default=None, help="MLP batch sizes, comma-separated "
                         f"(default {','.join(map(str, GRID['batch']))})")
     parser.add_argument("--width", default=None, help="hidden widths, comma-separated "
@@ -136,7 +165,8 @@ def parse_args(argv=None):
     except ValueError as err:
         parser.error(str(err))
     args.grid = grid
-    args.cnns = QUICK_CNNS if args.quick else CNNS
+    args.points = {family: POINTS[family][1 if args.quick else 0] for family in args.models
+                   if family in POINTS}
     args.budget = args.budget or (0.2 if args.quick else 4.0)
     args.min_repeats = args.min_repeats or (3 if args.quick else 5)
     if args.max_repeats < args.min_repeats:
@@ -160,7 +190,7 @@ class Spec(NamedTuple):
     """What one point builds and times; :func:`bench_point` is the same for every family."""
 
     label: str
-    family: str         # "mlp" or "cnn"
+    family: str         # one of MODELS
     model: jbp.Layer
     in_shape: tuple     # per example
     batch: int
@@ -218,14 +248,50 @@ def cnn_spec(name, batch, channels, in_shape) -> Spec:
                  "model_repr": repr(model)})
 
 
+def rnn_spec(name, batch, steps, features, hidden) -> Spec:
+    """A sequence classifier: ``jbp.rnn``, ``gru`` or ``lstm`` of ``hidden`` units, its last
+    state into dense(10). Its own product is the recurrent one, ``(B, H) @ (H, G·H)``, which
+    the scan runs once per step."""
+    if name not in GATES:
+        raise ValueError(f"rnn_spec: unknown recurrent layer {name!r}; known: {', '.join(GATES)}")
+    cell = getattr(jbp, name)(hidden, return_sequences=False)
+    model, gh = jbp.serial(cell, jbp.dense(N_CLASSES)), GATES[name] * hidden
+    products = [(batch * steps, features, gh),   # x_t W_x, every step at once
+                (batch * steps, hidden, gh),     # h_{t−1} W_h, one step at a time
+                (batch, hidden, N_CLASSES)]
+    return Spec(f"{name} B{batch} T{steps} F{features} H{hidden}", "rnn", model,
+                (steps, features), batch, (batch, hidden, gh), bench.step_flops(products),
+                {"name": name, "batch": batch, "steps": steps, "features": features,
+                 "hidden": hidden, "model_repr": repr(model)})
+
+
+def attention_spec(name, batch, steps, features, heads, head_dim, block_size) -> Spec:
+    """dense(heads·head_dim) -> jbp.attention -> global average over T -> dense(10). Its own
+    product is one of the attention layer's projections, ``(B·T, d) @ (d, d)``."""
+    d, bt = heads * head_dim, batch * steps
+    model = jbp.serial(jbp.dense(d), jbp.attention(heads, head_dim, block_size=block_size),
+                       jbp.global_avg_pool(), jbp.dense(N_CLASSES))
+    products = [(bt, features, d), *[(bt, d, d)] * 3,       # in-projection; q, k, v
+                *[(batch * heads * steps, head_dim, steps)] * 2,  # q kᵀ and p v, every head
+                (bt, d, d), (batch, d, N_CLASSES)]          # output projection; head
+    return Spec(f"{name} B{batch} T{steps} H{heads}x{head_dim}", "attention", model,
+                (steps, features), batch, (bt, d, d), bench.step_flops(products),
+                {"name": name, "batch": batch, "steps": steps, "features": features,
+                 "heads": heads, "head_dim": head_dim, "block_size": block_size,
+                 "model_repr": repr(model)})
+
+
+SPEC_OF = {"cnn": cnn_spec, "rnn": rnn_spec, "attention": attention_spec}
+
+
 def specs(args) -> list[Spec]:
-    """Every point of the run, MLPs first, in the order they are timed."""
+    """Every point of the run, in the order they are timed: family by family, as MODELS."""
     out = []
     if "mlp" in args.models:
         keys = ("batch", "width", "depth", "activation")
         out += [mlp_spec(*p) for p in itertools.product(*(args.grid[k] for k in keys))]
-    if "cnn" in args.models:
-        out += [cnn_spec(name, **cfg) for name, cfg in args.cnns.items()]
+    for family in MODELS:
+        out += [SPEC_OF[family](name, **cfg) for name, cfg in args.points.get(family, {}).items()]
     return out
 
 
@@ -289,7 +355,7 @@ def bench_point(spec: Spec, key, args):
     times = bench.interleaved_times(thunks, repeats, warmup=0, swap=pairs)
 
     if spec.flops is not None:
-        flops, flops_source = spec.flops, "counted: matrix products (jbp.bench.mlp_step_flops)"
+        flops, flops_source = spec.flops, "counted: matrix products (jbp.bench.step_flops)"
     else:  # the autodiff gradient's figure stands for both paths (see the docstring)
         fwd, step = (stats[name]["cost"].get("flops", math.nan)
                      for name in ("forward", "autodiff_grad"))
@@ -320,7 +386,8 @@ def bench_point(spec: Spec, key, args):
         "flops_source": flops_source,
         # XLA's own FLOP count of the compiled manual gradient over the point's FLOP count:
         # for an MLP near 1 and below count_with_input_grad_over_count means XLA drops the
-        # data gradient; for a CNN it is XLA's manual figure over its autodiff figure.
+        # data gradient; for a CNN it is XLA's manual figure over its autodiff figure; for
+        # an RNN or attention below 1: XLA counts a scan's body once, not once per step.
         "xla_flops_over_count": stats["manual_grad"]["cost"].get("flops", math.nan) / flops["step"],
         "compile_s": compile_s,
         "time_s": time_stats,
@@ -430,7 +497,7 @@ def plot(points, peak, out_dir):
                label=f"measured matmul peak {peak['gflops']:.1f}")
     _finish(plt, fig, ax, points,
             "Training step throughput vs a float32 product of the point's own shape",
-            "GFLOP/s (MLP: product FLOPs, CNN: XLA's; / median time)", out_dir / "gflops.png")
+            "GFLOP/s (products counted; CNN: XLA's FLOPs; / median time)", out_dir / "gflops.png")
 
     fig, ax = plt.subplots(figsize=size)
     for kind, (m_marker, a_marker) in (("step", ("o", "x")), ("grad", ("s", "+"))):
@@ -480,14 +547,15 @@ def main(argv=None):
         "config": {"models": list(args.models),
                    "grid": {k: list(v) for k, v in args.grid.items()} if "mlp" in args.models
                    else None,
-                   "cnns": ({name: {**c, "in_shape": list(c["in_shape"])}
-                             for name, c in args.cnns.items()} if "cnn" in args.models else None),
+                   "points": args.points,
                    "seed": args.seed,
                    "quick": args.quick, "budget_s": args.budget,
                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                    "n_classes": N_CLASSES, "optimizer": "optax.adam(1e-3)",
                    "dtype": "float32", "step_donates": "params, opt_state",
                    "flops": {"mlp": "counted by hand: the matrix products (mlp_step_flops)",
+                             "rnn": "counted by hand: the matrix products (step_flops)",
+                             "attention": "counted by hand: the matrix products (step_flops)",
                              "cnn": "XLA's compiled.cost_analysis()['flops'] (forward; "
                                     "autodiff_grad for gradients and steps)"}},
         "peak_matmul": peak,

@@ -10,8 +10,8 @@ The rules (they keep a comparison of two jitted functions honest):
   before a call (a cache-trashing step, a light product) changes its time by a few
   percent, so it must be the same for both; the per-round ratio ``a/b``
   (:func:`paired_ratios`) is then the robust figure, its median the headline;
-* count FLOPs analytically (:func:`mlp_step_flops`) and compare with a float32 matrix
-  product timed on the same machine in the same run (:func:`matmul_gflops`).
+* count FLOPs analytically (:func:`step_flops`, :func:`mlp_step_flops`) and compare with
+  a float32 matrix product timed on the same machine in the same run (:func:`matmul_gflops`).
 
 No function here asserts anything about time: a benchmark reports, a test never times.
 """
@@ -105,6 +105,23 @@ def repeats_for(seconds_per_round: float, budget_s: float, *, lo: int = 5, hi: i
     return int(np.clip(round(budget_s / seconds_per_round), lo, hi))
 
 
+def step_flops(products: Sequence[tuple[int, int, int]], *, input_grad: bool = False) -> dict:
+    """Matrix-product FLOPs of one forward + backward pass of a net of ``products``.
+
+    Each ``(m, k, n)`` is one product of the forward, ``(m, k) @ (k, n)``: ``2·m·k·n`` FLOPs,
+    and twice that in the backward, one product per operand (for a dense layer ``a W``:
+    ``∂C/∂W = aᵀ δ`` and ``∂C/∂a = δ Wᵀ``; for attention's ``q kᵀ``: ``∂C/∂q`` and
+    ``∂C/∂k``). The first product's left operand is the data, whose gradient training
+    discards: not counted unless ``input_grad``. Element-wise work is left out.
+
+    Returns ``{"forward", "backward", "step"}`` (step = forward + backward).
+    """
+    per_product = [2 * m * k * n for m, k, n in products]
+    forward = sum(per_product)
+    backward = 2 * forward - (0 if input_grad else per_product[0])
+    return {"forward": forward, "backward": backward, "step": forward + backward}
+
+
 def mlp_step_flops(batch: int, sizes: Sequence[int], *, input_grad: bool = False) -> dict:
     """Matrix-product FLOPs of one forward + backward pass of an MLP ``sizes``.
 
@@ -120,10 +137,8 @@ def mlp_step_flops(batch: int, sizes: Sequence[int], *, input_grad: bool = False
     if len(sizes) < 2 or batch < 1 or min(sizes) < 1:
         raise ValueError(f"mlp_step_flops: need batch >= 1 and >= 2 positive sizes, "
                          f"got batch={batch}, sizes={sizes}")
-    per_layer = [2 * batch * n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:])]
-    forward = sum(per_layer)
-    backward = 2 * forward - (0 if input_grad else per_layer[0])
-    return {"forward": forward, "backward": backward, "step": forward + backward}
+    return step_flops([(batch, n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])],
+                      input_grad=input_grad)
 
 
 def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 10, key=None,

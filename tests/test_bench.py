@@ -54,6 +54,12 @@ def test_mlp_step_flops_matches_xla_within_elementwise_work():
     assert stats["memory"]["temp_bytes"] >= 0 and stats["memory"]["argument_bytes"] > 0
 
 
+def test_step_flops_counts_each_forward_product_three_times():
+    # (2,4)@(4,8) then (2,8)@(8,3), as the MLP above; the first one's data gradient dropped
+    assert bench.step_flops([(2, 4, 8), (2, 8, 3)]) == bench.mlp_step_flops(2, [4, 8, 3])
+    assert bench.step_flops([(5, 2, 3)], input_grad=True)["step"] == 3 * 2 * 5 * 2 * 3
+
+
 @pytest.mark.parametrize("batch,sizes", [(0, [4, 3]), (2, [4]), (2, [4, 0])])
 def test_mlp_step_flops_rejects_bad_shapes(batch, sizes):
     with pytest.raises(ValueError, match="mlp_step_flops"):
@@ -120,7 +126,7 @@ def test_saved_bytes_counts_distinct_arrays_and_inputs_apart():
                                        (["--width", "a,b"], "--width"),
                                        (["--activation", "nope"], "nope"),
                                        (["--budget", "-1"], "--budget"),
-                                       (["--models", "mlp,rnn"], "rnn"),
+                                       (["--models", "mlp,gan"], "gan"),
                                        (["--models", "cnn", "--width", "8"], "--width")])
 def test_bad_flags_name_the_argument(argv, flag, capsys):
     script = load_script()
@@ -132,7 +138,7 @@ def test_bad_flags_name_the_argument(argv, flag, capsys):
 
 def test_models_flag_chooses_the_families():
     script = load_script()
-    assert script.parse_args([]).models == ("mlp", "cnn")  # the full run has both
+    assert script.parse_args([]).models == ("mlp", "cnn", "rnn", "attention")  # all by default
     assert [s.family for s in script.specs(script.parse_args(["--quick", "--models", "cnn"]))] \
         == ["cnn"] * len(script.QUICK_CNNS)
     assert {s.family for s in script.specs(script.parse_args(["--quick", "--models", "mlp"]))} \
@@ -156,6 +162,26 @@ def test_cnn_specs_build_the_issue_models():
     assert convs == [(3, 3, 3, 64)] + [(3, 3, 64, 64)] * 3
     with pytest.raises(ValueError, match="unknown CNN"):
         script.cnn_spec("cnn3d", 1, 1, (4, 4, 4, 1))
+
+
+def test_sequence_specs_build_the_issue_models():
+    # Built and shape-checked, not compiled: the counted products must be the model's.
+    script = load_script()
+    for name, gates in script.GATES.items():
+        spec = script.rnn_spec(name, **script.RNNS[name])
+        params = jax.eval_shape(lambda k: spec.model.init(k, spec.in_shape)[1], jax.random.key(0))
+        assert params[0]["W_x"].shape == (32, gates * 128) and spec.matmul == (32, 128, gates * 128)
+        assert spec.flops["forward"] == 2 * 32 * 128 * (32 + 128) * gates * 128 + 2 * 32 * 128 * 10
+    attn = script.attention_spec("attn512", **script.ATTENTIONS["attn512"])
+    params = jax.eval_shape(lambda k: attn.model.init(k, attn.in_shape)[1], jax.random.key(0))
+    x = jax.ShapeDtypeStruct((attn.batch, *attn.in_shape), jnp.float32)
+    assert jax.eval_shape(attn.model.apply, params, x).shape == (4, 10)
+    assert params[1]["q"]["W"].shape == (256, 256) and attn.matmul == (4 * 512, 256, 256)
+    bt = 4 * 512
+    assert attn.flops["forward"] == 2 * (bt * 32 * 256 + 4 * bt * 256 * 256
+                                         + 2 * 4 * 4 * 512 * 512 * 64 + 4 * 256 * 10)
+    with pytest.raises(ValueError, match="unknown recurrent"):
+        script.rnn_spec("transformer", 1, 1, 1, 1)
 
 
 def test_xla_counts_conv_flops_of_real_taps():
@@ -188,7 +214,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert results["peak_matmul"]["gflops"] > 0
     assert {"forward", "input_grad", "weight_grad"} <= set(results["product_forms_gflops"])
     config = results["config"]
-    assert config["models"] == ["mlp", "cnn"] == list(results["summary"])
+    assert config["models"] == ["mlp", "cnn", "rnn", "attention"] == list(results["summary"])
     for family, summary in results["summary"].items():
         assert set(summary["targets"]) == {
             "ratio_median_le_1.00", "no_point_above_1.05", "largest_ge_90pct_peak",
@@ -196,9 +222,9 @@ def test_quick_run_writes_results_and_plots(tmp_path):
         assert summary["n_points"] == sum(p["family"] == family for p in results["points"])
     grid = config["grid"]
     n_mlp = np.prod([len(grid[k]) for k in ("batch", "width", "depth", "activation")])
-    assert len(results["points"]) == n_mlp + len(config["cnns"]) >= 3
     families = [p["family"] for p in results["points"]]
-    assert families == ["mlp"] * n_mlp + ["cnn"] * len(config["cnns"])
+    assert families == ["mlp"] * n_mlp + ["cnn", "rnn", "attention"]  # one tiny point each
+    assert [len(config["points"][f]) for f in ("cnn", "rnn", "attention")] == [1, 1, 1]
     table = (out / "table.md").read_text()
     for point in results["points"]:
         assert f"| {point['label']} |" in table
@@ -210,6 +236,8 @@ def test_quick_run_writes_results_and_plots(tmp_path):
             assert point[key]["median"] > 0
         if point["family"] == "mlp":
             assert point["flops"] == bench.mlp_step_flops(point["batch"], point["sizes"])
+            assert point["flops_source"].startswith("counted")
+        elif point["family"] != "cnn":  # counted: XLA counts a scan's body once
             assert point["flops_source"].startswith("counted")
         else:  # XLA's figures: the forward's, and the autodiff gradient's for both paths
             xla = point["xla"]
