@@ -165,13 +165,15 @@ def test_help_and_a_missing_backend(name, tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_mnist1d_models_quick(tmp_path, env):
-    """Logistic, MLP and CNN rows, each trained with both gradients from the same init."""
-    results, stdout = run_quick("mnist1d_models.py", tmp_path, env)
-    assert set(results["summary"]) == {"logistic", "mlp", "cnn"}
+@pytest.mark.parametrize("models", [("logistic", "mlp", "cnn"), ("gru", "lstm")],
+                         ids=["feedforward", "recurrent"])
+def test_mnist1d_models_quick(tmp_path, env, models):
+    """The table's rows, each trained with both gradients from the same init."""
+    results, stdout = run_quick("mnist1d_models.py", tmp_path, env, "--models", *models)
+    assert list(results["summary"]) == list(models)
     for name, by_grad in results["runs"].items():
         manual, auto = by_grad["manual"][0], by_grad["autodiff"][0]
         assert manual["history"]["loss"][0] == pytest.approx(auto["history"]["loss"][0], rel=1e-6)
         assert manual["test_accuracy"] == pytest.approx(auto["test_accuracy"], abs=0.02), name
-    assert "paper" in stdout and "cnn" in stdout
+    assert "paper" in stdout and models[-1] in stdout
     assert_png(tmp_path / "accuracy.png")
