@@ -98,7 +98,7 @@ def run(cell, T, seed, args):
     return {"cell": cell, "T": T, "seed": seed, "seconds": seconds,
             "test_mse": history["eval"][-1]["test_loss"],
             "train_mse": history["eval"][-1]["train_loss"],
-            "test_accuracy": float(jnp.mean(jnp.abs(error) < TOLERANCE)),
+            "test_accuracy": float(np.mean(np.abs(np.asarray(error)) < TOLERANCE)),
             "first_over_last_init": float(norms_at_init[0] / norms_at_init[-1]),
             "grad_norm_init": norms_at_init.tolist(),
             "grad_norm_trained": norms.tolist(),
@@ -122,10 +122,10 @@ def plot(out, runs, args):
                 ylabel=f"test accuracy (|error| < {TOLERANCE})")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4)
     fig.suptitle(f"adding problem, {args.hidden} units, {args.steps} steps, {args.grad} "
                  f"gradient")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out / "mse.png", dpi=120)
     pyplot.close(fig)
 

@@ -85,7 +85,8 @@ def plot(out, results, seeds):
     published = [i for i, n in enumerate(names) if PAPER[n] is not None]
     ax.scatter(published, [PAPER[names[i]] for i in published], marker="_", s=400, color="k",
                label="paper")
-    ax.set(xticks=range(len(names)), xticklabels=names, ylabel="test accuracy", ylim=(0, 1),
+    ax.set(xticks=range(len(names)), xticklabels=names, xlim=(-0.6, len(names) - 0.4),
+           ylabel="test accuracy", ylim=(0, 1),
            title=f"MNIST-1D, {seeds} seed{'s' * (seeds > 1)} per point")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="lower right")
