@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jbp.data import load_mnist1d
@@ -168,7 +169,7 @@ def test_data_parallel_quick(tmp_path, env):
 
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
                                   "vanishing_gradients", "per_example", "dp_sgd",
-                                  "data_parallel", "attention_memory"])
+                                  "data_parallel", "attention_memory", "adding_problem"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -184,15 +185,17 @@ def test_help_and_a_missing_backend(name, tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_mnist1d_models_quick(tmp_path, env):
-    """Logistic, MLP and CNN rows, each trained with both gradients from the same init."""
-    results, stdout = run_quick("mnist1d_models.py", tmp_path, env)
-    assert set(results["summary"]) == {"logistic", "mlp", "cnn"}
+@pytest.mark.parametrize("models", [("logistic", "mlp", "cnn"), ("gru", "lstm")],
+                         ids=["feedforward", "recurrent"])
+def test_mnist1d_models_quick(tmp_path, env, models):
+    """The table's rows, each trained with both gradients from the same init."""
+    results, stdout = run_quick("mnist1d_models.py", tmp_path, env, "--models", *models)
+    assert list(results["summary"]) == list(models)
     for name, by_grad in results["runs"].items():
         manual, auto = by_grad["manual"][0], by_grad["autodiff"][0]
         assert manual["history"]["loss"][0] == pytest.approx(auto["history"]["loss"][0], rel=1e-6)
         assert manual["test_accuracy"] == pytest.approx(auto["test_accuracy"], abs=0.02), name
-    assert "paper" in stdout and "cnn" in stdout
+    assert "paper" in stdout and models[-1] in stdout
     assert_png(tmp_path / "accuracy.png")
 
 
@@ -208,3 +211,33 @@ def test_attention_memory_quick(tmp_path, env):
     assert point["time_ratio"]["manual"]["median"] > 0
     assert results["target"]["measured"] is False and "T = 2048 not in this sweep" in stdout
     assert_png(tmp_path / "attention_memory.png")
+
+
+def test_adding_problem_quick(tmp_path, env):
+    """One cell at the quick lengths (each length compiles afresh: more would pass 15 s)."""
+    results, stdout = run_quick("adding_problem.py", tmp_path, env, "--cells", "gru")
+    lengths = results["config"]["lengths"]
+    assert [(r["cell"], r["T"]) for r in results["runs"]] == [("gru", T) for T in lengths]
+    for r in results["runs"]:
+        assert len(r["grad_norm_init"]) == len(r["grad_norm_trained"]) == r["T"]
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_mse"] > 0
+        assert len(r["history"]["loss"]) == results["config"]["steps"]
+    assert set(results["summary"]["gru"]) == {str(T) for T in lengths}
+    assert "always answering 1" in stdout
+    assert_png(tmp_path / "mse.png")
+    assert_png(tmp_path / "grad_norm.png")
+
+
+def test_adding_problem_data():
+    """Shapes, the two markers (one in each half), the target, and the seed decides all."""
+    make_data = load_script("adding_problem").make_data
+    x, y = make_data(50, 10, seed=3)
+    assert x.shape == (50, 10, 2) and y.shape == (50, 1)
+    assert x.dtype == y.dtype == np.float32
+    markers = x[..., 1]
+    assert (markers.sum(1) == 2).all()
+    assert (markers[:, :5].sum(1) == 1).all() and (markers[:, 5:].sum(1) == 1).all()
+    np.testing.assert_allclose(y[:, 0], (x[..., 0] * markers).sum(1), rtol=1e-6)
+    again, other = make_data(50, 10, seed=3), make_data(50, 10, seed=4)
+    assert np.array_equal(x, again[0]) and np.array_equal(y, again[1])
+    assert not np.array_equal(x, other[0])
