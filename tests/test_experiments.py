@@ -168,7 +168,7 @@ def test_data_parallel_quick(tmp_path, env):
 
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
                                   "vanishing_gradients", "per_example", "dp_sgd",
-                                  "data_parallel", "attention_memory"])
+                                  "data_parallel", "attention_memory", "char_lm"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -208,3 +208,25 @@ def test_attention_memory_quick(tmp_path, env):
     assert point["time_ratio"]["manual"]["median"] > 0
     assert results["target"]["measured"] is False and "T = 2048 not in this sweep" in stdout
     assert_png(tmp_path / "attention_memory.png")
+
+
+def test_char_lm_quick(tmp_path, env):
+    """Both models, each trained with both gradients from the same init on the same
+    batches, stay together to float32 round-off over the few quick steps."""
+    results, stdout = run_quick("char_lm.py", tmp_path, env)
+    corpus = results["corpus"]
+    assert corpus["chars"] == corpus["train_chars"] + corpus["val_chars"]
+    assert len(corpus["sha256"]) == 64 and corpus["vocab_size"] > 80
+    steps = results["config"]["steps"]
+    for name in ("transformer", "lstm"):
+        for grad in ("manual", "autodiff"):
+            history = results["runs"][name][grad]["history"]
+            assert len(history["loss"]) == steps
+            assert [e["step"] for e in history["eval"]][-1] == steps
+            assert 0 < results["runs"][name][grad]["val_bpc"] < 8
+        assert results["agreement"][name]["max_abs_loss_diff"] < 1e-4
+        sample = results["samples"][name]
+        assert sample.startswith(results["samples"]["prompt"])
+        assert len(sample) == len(results["samples"]["prompt"]) + 20
+        assert sample in stdout
+    assert_png(tmp_path / "curves.png")
