@@ -115,7 +115,7 @@ def sample(model, params, prompt_ids, n, context, temperature, key):
     the last of (at most) ``context`` ids. The window is padded with zeros on the right:
     the models are causal, so the padding does not reach the position read."""
     p = len(prompt_ids)
-    buffer = jnp.zeros(p + n + context, jnp.int32).at[:p].set(jnp.asarray(prompt_ids))
+    buffer = jnp.zeros(p + n + context, jnp.int32).at[:p].set(jnp.asarray(prompt_ids, jnp.int32))
 
     def step(i, buffer):
         seen = p + i
@@ -123,7 +123,7 @@ def sample(model, params, prompt_ids, n, context, temperature, key):
         logits = model.apply(params, jax.lax.dynamic_slice(buffer, (first,), (context,))[None])
         next_id = jax.random.categorical(jax.random.fold_in(key, i),
                                          logits[0, seen - 1 - first] / temperature)
-        return buffer.at[seen].set(next_id)
+        return buffer.at[seen].set(next_id.astype(buffer.dtype))
 
     return np.asarray(jax.jit(lambda b: jax.lax.fori_loop(0, n, step, b))(buffer))[p:p + n]
 
@@ -184,6 +184,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3,
                         help="Adam's peak learning rate (warmup, then cosine decay to 0)")
     parser.add_argument("--temperature", type=float, default=0.8, help="for the samples")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="float64 (the float32 init, cast) shows how far the two runs "
+                             "drift with less round-off")
     args = parser.parse_args(argv)
     args.cfg = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
@@ -194,6 +197,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     info = start_device(args.platform)
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
     cfg, context = args.cfg, args.cfg["context"]
     text, corpus = load_corpus()
     vocab = sorted(set(text))
@@ -218,6 +223,7 @@ def main(argv=None):
     for name in MODELS:
         model = build_model(name, len(vocab), cfg)
         _, params = model.init(jax.random.key(args.seed), (context,))
+        params = jax.tree_util.tree_map(lambda a: a.astype(args.dtype), params)
         n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
         runs[name] = {"model": model.name, "n_params": n_params}
         trained = {}
@@ -249,7 +255,7 @@ def main(argv=None):
         "config": {**cfg, "lr": args.lr, "optimizer": "clip_by_global_norm(1) + adam, "
                    f"linear warmup {warmup} steps then cosine decay to 0",
                    "loss": "softmax cross-entropy, nats (history) / bits per char (bpc)",
-                   "seed": args.seed, "quick": args.quick},
+                   "dtype": args.dtype, "seed": args.seed, "quick": args.quick},
     }
     write_json(args.out / "results.json", results)
     plot(args.out, runs, agree)
