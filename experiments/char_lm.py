@@ -1,5 +1,7 @@
-"""A character-level language model on the Python standard library's own source, trained
-with the hand-written backward and with jax.grad from the same init on the same batches.
+"""A character-level language model on stdlib source, trained with both gradients.
+
+Each model is trained with the hand-written backward and with jax.grad, from the same init
+on the same batches, on the Python standard library's own source text.
 
 The corpus is offline and fixed: the source files in CORPUS_FILES, read from
 ``sysconfig.get_paths()["stdlib"]`` and joined in that order (their text depends on the
@@ -14,8 +16,9 @@ Two models, each trained twice (``grad="manual"`` and ``grad="autodiff"``):
   lstm         embedding -> lstm -> dense
 
 The train loss is evaluated on fixed windows spread over the train text, the validation
-loss on every window of the validation text, both in bits per character. Each trained
-manual model writes a sample from a fixed prompt and key.
+loss on every window of the validation text (--quick: its first 4 x eval_windows), both
+reported in bits per character. Each trained manual model writes a sample from a fixed
+prompt and key.
 
 Writes results.json and curves.png (loss over steps, and |loss_manual − loss_autodiff|
 per step) into --out.
@@ -115,7 +118,8 @@ def sample(model, params, prompt_ids, n, context, temperature, key):
     the last of (at most) ``context`` ids. The window is padded with zeros on the right:
     the models are causal, so the padding does not reach the position read."""
     p = len(prompt_ids)
-    buffer = jnp.zeros(p + n + context, jnp.int32).at[:p].set(jnp.asarray(prompt_ids, jnp.int32))
+    buffer = jnp.zeros(p + n + context, jnp.int32).at[:p].set(jnp.asarray(prompt_ids,
+                                                                          jnp.int32))
 
     def step(i, buffer):
         seen = p + i
