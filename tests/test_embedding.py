@@ -66,11 +66,19 @@ def _every_new_layer(dtype):
                       jbp.dense(3, dtype=dtype))
 
 
+def _sequence_model(dtype):
+    """embedding, positional embedding, a causal transformer block, a GRU (last state)."""
+    return jbp.serial(jbp.embedding(7, 4, dtype=dtype), jbp.positional_embedding(4, dtype=dtype),
+                      jbp.transformer_block(2, 2, 6, causal=True, block_size=3, dtype=dtype),
+                      jbp.gru(3, return_sequences=False, dtype=dtype), jbp.dense(3, dtype=dtype))
+
+
 MODELS = {  # name: (builder, the shapes of backprop's deltas for ids (6, 4))
     "embedding-layer_norm": (_model, [(6, 4, 6), (6, 4, 6), (6, 4, 5), (6, 4, 5), (6, 20),
                                       (6, 3)]),
     "every-new-layer": (_every_new_layer, [(6, 4, 4)] + [(6, 4, 6)] * 5 + [(6, 2, 6),
                                            (6, 2, 5), (6, 5), (6, 3)]),
+    "sequence": (_sequence_model, [(6, 4, 4)] * 3 + [(6, 3), (6, 3)]),
 }
 
 
@@ -145,7 +153,8 @@ def test_model_through_every_gradient_function(name, dtype):
     for name, (got, want) in pairs.items():
         assert rel_err(got, want) <= (1e-6 if name == "finite differences" else 1e-10), name
     if dtype == jnp.float64:  # the bridge from outside: reverse mode, first and second order
-        check_grads(jax.jit(lambda p: out_of(p, ids, apply)), (params,), order=2, modes=["rev"])
+        check_grads(jax.jit(lambda p: out_of(p, ids, apply)), (params,), order=2, modes=["rev"],
+                    eps=1e-6)
 
 
 def _norms(per_example):
