@@ -27,7 +27,7 @@ GRADS = ("manual", "autodiff")
 PAPER = {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91, "lstm": None}
 
 
-def build(name, channels, hidden):
+def build(name, channels=32, hidden=64):
     """``(model, per-example input shape)`` for a row of the table."""
     if name == "logistic":
         return jbp.dense(10), (40,)
