@@ -94,13 +94,12 @@ def measure(model, params, state, x, y):
 def train(model, params, state, data, args, grad="manual"):
     """``(params, state, history)`` after the fixed budget, or ``(None, None, message)``
     when the minibatch loss turned NaN or inf."""
-    kwargs = {"state": state} if model.stateful else {}
     try:
         out = jbp.fit(model, LOSS, params, data, key=jax.random.key(args.seed + 1),
                       optimizer=args.optimizer, learning_rate=args.lr, epochs=args.epochs,
                       batch_size=args.batch_size, grad=grad, progress=False,
                       loop="python" if args.quick else "auto",  # compiles faster than scan
-                      **kwargs)
+                      state=state)
     except FloatingPointError as err:
         return None, None, str(err)
     return out if model.stateful else (out[0], None, out[1])
@@ -114,8 +113,8 @@ def run(variant, depth, activation, data, probe, args):
     result = {"variant": variant, "depth": depth, "activation": activation}
     result["init"], grads = measure(model, params, state, *probe)
     if depth == max(args.depths):  # the hand-written gradient against jax.grad's
-        kwargs = {"train": True, "state": state} if model.stateful else {}
-        _, reference = jbp.autodiff_value_and_grad(model, LOSS)(params, *probe, **kwargs)
+        _, reference = jbp.autodiff_value_and_grad(model, LOSS)(params, *probe, train=True,
+                                                                 state=state)
         result["init"]["rel_error_vs_autodiff"] = global_rel_error(grads, reference)
     params, state, history = train(model, params, state, data, args)
     if params is None:

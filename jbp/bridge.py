@@ -83,11 +83,12 @@ def as_custom_vjp(model: Layer):
     def bwd(residuals, dy):
         params, cache, spec = residuals
         y_spec, x_spec, state_spec = spec.value
-        if model.stateful:  # the new state is not differentiated: its cotangent goes nowhere
+        # key gets no cotangent; the state a zero one (the new state is not differentiated)
+        if model.stateful:
             dy, _ = dy
-            none = (None, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec))
+            rest = (None, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec))
         else:
-            none = (None,)
+            rest = (None,)
         if not hasattr(dy, "shape"):
             raise TypeError(f"{who}: the cotangent must be an array, got {type(dy).__name__}")
         if tuple(dy.shape) != tuple(y_spec.shape) or jnp.result_type(dy) != y_spec.dtype:
@@ -97,9 +98,9 @@ def as_custom_vjp(model: Layer):
         dparams, dx = model.backward(params, _unhide_static(cache), dy)
         check_like(who, "the backward's dparams", dparams, params)
         if not jnp.issubdtype(x_spec.dtype, jnp.inexact):  # integer input: no cotangent
-            return dparams, np.zeros(x_spec.shape, jax.dtypes.float0), *none
+            return dparams, np.zeros(x_spec.shape, jax.dtypes.float0), *rest
         check_like(who, "the backward's dx", dx, x_spec)
-        return dparams, dx, *none
+        return dparams, dx, *rest
 
     def make(train: bool):
         @jax.custom_vjp

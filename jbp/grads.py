@@ -23,7 +23,7 @@ import jax
 from jbp.layer import Layer, check_like, run
 from jbp.losses import Loss
 
-GradFn = Callable  # (params, x, y, *, weights=None, key=None, train=False) -> (loss, grads)
+GradFn = Callable  # (params, x, y, *, weights, key, train, state) -> (loss, grads)
 
 
 def _check(model, loss):

@@ -116,15 +116,12 @@ def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
     """
     if isinstance(grad, str) and grad in GRADS:
         value_and_grad = GRADS[grad](model, loss)
-        if model.stateful:
-            def grad_fn(params, state, x, y, key):
-                (value, new_state), grads = value_and_grad(params, x, y, key=key, train=True,
-                                                           state=state)
-                return value, new_state, grads
-        else:
-            def grad_fn(params, state, x, y, key):
-                value, grads = value_and_grad(params, x, y, key=key, train=True)
-                return value, state, grads
+
+        def grad_fn(params, state, x, y, key):
+            value, grads = value_and_grad(params, x, y, key=key, train=True, state=state)
+            value, state = value if model.stateful else (value, state)
+            return value, state, grads
+
         return grad_fn
     if callable(grad) and not isinstance(grad, str):
         if model.stateful:
