@@ -9,7 +9,14 @@ in float64 and in float32:
   ``params`` and ``dx`` with the shape and dtype of ``x``;
 - the backward equals ``jax.vjp`` of the layer's own forward (normwise relative error per
   leaf ≤ 1e-12 in float64, ≤ 1e-5 in float32) at random inputs, at zeros (kinks), at large
-  inputs (saturation) and for a batch of one;
+  inputs (saturation) and for a batch of one. In float32 a leaf further than 1e-5 from
+  ``jax.vjp`` gets a second look: where the input makes the gradient ill-conditioned (a
+  saturated softmax whose row of ∂C/∂s sums to nearly zero out of large terms), ``jax.vjp``
+  in float32 is itself that far from the exact gradient, and two float32 backwards that
+  round differently cannot agree to 1e-5. Both are then measured against ``jax.vjp`` in
+  float64 from the same (float32-rounded) inputs, and the leaf passes if the backward's
+  error is within ``ROUNDING_FACTOR`` (10, an order of magnitude) of ``jax.vjp``'s own. A
+  wrong formula is off by far more; float64, where correctness is proven, stays at 1e-12;
 - the per-example declaration holds: the layer keeps the examples of a batch apart (a
   cotangent in row i alone gives a dx that is zero outside row i), and the per-example
   gradients of its :class:`PerExampleRule` (or of its children's, for a composite), their
@@ -36,6 +43,8 @@ for a wrong layer, so the report can be printed.
 True
 """
 
+import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -45,6 +54,10 @@ import numpy as np
 from jbp.check import DEFAULT_RTOL, GradComparison, compare_grads
 from jbp.layer import Layer, check_like, run
 from jbp.per_example import trace
+
+# In float32, how many times jax.vjp's own error (against float64) a leaf may be off where
+# jax.vjp itself misses the float32 tolerance (see the module docstring).
+ROUNDING_FACTOR = 10
 
 # name -> (scale of N(0, 1) draws, batch size or None for the default); zeros hit the kinks.
 CASES = {"random": (1.0, None), "zeros": (0.0, None), "large": (30.0, None),
@@ -187,9 +200,14 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, che
         if int_range is not None:  # an integer input has no gradient (jax.vjp: float0)
             manual, reference, compared = manual["dparams"], reference["dparams"], "dparams"
         comparison = compare_grads(manual, reference, rtol=DEFAULT_RTOL[dtype])
-        checks.append(Check(f"{what}: backward vs jax.vjp", comparison.ok,
-                            f"max rel err {comparison.max_rel:.1e} over {len(comparison.leaves)} "
-                            f"leaves of {compared}", comparison))
+        detail = (f"max rel err {comparison.max_rel:.1e} over {len(comparison.leaves)} leaves "
+                  f"of {compared}")
+        if not comparison.ok and dtype != jnp.float64:
+            comparison, vjp_err = _against_float64(layer, params, x, dy, kw, manual, reference,
+                                                   int_range is not None, dtype)
+            detail += (f"; against float64 {comparison.max_rel:.1e}, jax.vjp's own "
+                       f"{vjp_err:.1e} (allowed: {ROUNDING_FACTOR}× jax.vjp's, leaf by leaf)")
+        checks.append(Check(f"{what}: backward vs jax.vjp", comparison.ok, detail, comparison))
         if case == "random" and mixes:
             checks.append(Check(f"{what}: per-example declaration", True, "not checked: in "
                                 "training mode batch statistics mix the examples"))
@@ -236,6 +254,22 @@ def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
                              f"expected x's {tuple(x.shape)} and {x.dtype}")
 
     jax.eval_shape(run_once, params, x, dy)
+
+
+def _against_float64(layer, params, x, dy, kw, manual, reference, params_only, dtype):
+    """``(comparison of manual with the float64 gradient, jax.vjp's own max rel err)``: a leaf
+    is ok if within the dtype's tolerance of it or within ``ROUNDING_FACTOR`` × jax.vjp's
+    error (in ``dtype``) on that leaf."""
+    rtol = DEFAULT_RTOL[dtype]
+    with jax.enable_x64(True):
+        up = functools.partial(_cast, dtype=jnp.float64)
+        exact = _vjp_pair(layer, up(params), up(x), up(dy), {**kw, "state": up(kw["state"])})[1]
+        exact = exact["dparams"] if params_only else exact
+        mine, theirs = (compare_grads(g, exact, rtol=rtol) for g in (manual, reference))
+    leaves = tuple(m._replace(ok=m.ok or (math.isfinite(m.rel) and
+                                          m.rel <= ROUNDING_FACTOR * t.rel))
+                   for m, t in zip(mine.leaves, theirs.leaves))
+    return GradComparison(leaves, rtol), theirs.max_rel
 
 
 def _vjp_pair(layer, params, x, dy, kw):

@@ -205,6 +205,13 @@ def test_check_layer_finds_what_is_wrong():
                        lambda p, x, *, key=None, train=False: (x, None),
                        lambda p, c, dy: ({}, 2 * dy))
     assert len(jbp.check_layer(double, (3,)).failures) == 8  # every case, both dtypes
+    # 1e-4 off: float32's second look (against float64, where jax.vjp of an identity is
+    # exact) does not excuse it
+    nearly = jbp.Layer("nearly", lambda k, s: (s, {}),
+                       lambda p, x, *, key=None, train=False: (x, None),
+                       lambda p, c, dy: ({}, (1 + 1e-4) * dy))
+    failures = jbp.check_layer(nearly, (3,)).failures
+    assert len(failures) == 8 and "against float64 1.0e-04, jax.vjp's own 0.0e+00" in str(failures[-1])
     # and the gradient functions refuse the forgotten sum, naming the layer
     model = jbp.serial(jbp.dense(3), _scale(forget_sum=True), jbp.dense(2))
     _, params = model.init(jax.random.key(0), (4,))
