@@ -7,7 +7,7 @@ all with the same params:
 
   manual      jbp.manual_value_and_grad: the blocked forward (online softmax over key
               blocks) and the hand-written backward, which recomputes the probabilities
-              block by block from the cached log-sum-exp; no (B, H, T, T) array
+              block by block from each row's cached max and normaliser; no (B, H, T, T) array
   plain       jax.grad through a plain attention: the full scores, jax.nn.softmax
   checkpoint  jax.grad of the blocked forward wrapped in jax.checkpoint: the forward is
               recomputed in the backward, and autodiff's backward of the scan keeps what

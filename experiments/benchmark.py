@@ -34,7 +34,7 @@ points come in four families (``--models``, all by default):
   ``(B, H) @ (H, G·H)`` (G gate blocks), the one the scan runs once per step.
 * ``attention``: dense(256) -> ``jbp.attention(4 heads, 64)`` (blocks of 128 keys) ->
   the mean over T -> dense(10), batch 4, T 512 and 1024, 32 input features: the blocked
-  backward (probabilities recomputed from the log-sum-exp) against jax.grad of the blocked
+  backward (probabilities recomputed from each row's max and normaliser) against jax.grad of the blocked
   forward. The own product is one projection, ``(B·T, 256) @ (256, 256)``.
 
   FLOPs of both are counted by hand (:func:`jbp.bench.step_flops`, the matrix products:

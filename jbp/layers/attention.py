@@ -14,28 +14,48 @@ was summed so far is rescaled by ``exp(m − m')``::
     l'   = exp(m − m') · l   + Σ_cols exp(s_j − m')
     acc' = exp(m − m') · acc + exp(s_j − m') v_j
 
-At the end ``o = acc / l`` and ``lse = m + log l`` (the row's log-sum-exp). No (T, T) array
-is ever formed: a step holds (T, block) arrays. The cache keeps ``x, q, k, v, o, lse``
-(and a reference to ``W_o``), O(T) per head.
+At the end ``o = acc / l``. No (T, T) array is ever formed: a step holds (T, block)
+arrays. The cache keeps ``x, q, k, v, o`` and per row ``m`` and ``l`` (and a reference to
+``W_o``), O(T) per head.
 
 **Backward, block by block.** With ``do = ∂C/∂o``, ``p`` is recomputed from the cache block
-by block, ``p_j = exp(s_j − lse)``, and::
+by block, ``p_j = exp(s_j − m − log l)``, and::
 
     D   = rowsum(do ∘ o)            (T,): equals rowsum(p ∘ dp), since o = p v
     dv_j = p_jᵀ do                  dp_j = do v_jᵀ
     ds_j = p_j ∘ (dp_j − D)         the softmax backward: ∂C/∂s = p ∘ (∂C/∂p − rowsum(p ∘ ∂C/∂p))
     dq  += c · ds_j k_j             dk_j = c · ds_jᵀ q
 
-Rounding, where the softmax saturates (scores in the hundreds: one key takes nearly all of
-a row): ``dp_j − D`` cancels there, and ``D``, taken from the rounded ``o``, is off by about
-an ulp of ``do·v``. So ``ds`` misses Σ_j ds_j = 0 by that much, and ``dq = c Σ_j ds_j k_j``,
-whose true value is tiny there, takes the error times the dominant key. Measured against
-float64 (q, k, v ~ N(0, 25²), float32): dq relative error 8.5e-5, jax.vjp of the blocked
-forward 1.7e-5, of the plain softmax 1.9e-5; dk and dv about as good as theirs. In
-``check_layer``'s "large" case (inputs × 30) the q and k weight gradients are ~1e-10 and
-differ from jax.vjp's by ~4e-14 (float64): relative 5e-4, a failed check. Restoring Σ_j ds_j
-= 0 (``ds − p·rowsum(ds)``) brings dq to autodiff's accuracy, but blockwise it needs
-Σ_j p_j k_j, one more product per block; it is left out, as in FlashAttention.
+Why ``m`` and ``l`` and not their log-sum-exp ``lse = m + log l`` (one array instead of two,
+``p_j = exp(s_j − lse)``): where the softmax saturates the scores are in the hundreds, and so
+is ``lse``, whose float32 rounding (2⁻¹⁵ ≈ 3e-5 near 300) becomes a relative error of every
+``p`` of its row. ``s_j − m`` is small and nearly exact and ``log l`` lies in [0, log T], so
+``exp(s_j − m − log l)`` is as accurate as the forward's ``p``. Measured in float32 at
+q, k ~ N(0, 25²), v, do ~ N(0, 1) (B 4, H 2, T 40, Dh 8, blocks of 16; median of 5 draws of
+the relative error against float64 from the same rounded inputs), dq, dk, dv:
+
+    this backward, from m and l     2.2e-5  2.6e-5  1.1e-6   (causal 1.5e-5  1.9e-5  6.2e-7)
+    the same from lse               2.9e-5  3.0e-5  4.6e-6   (causal 2.5e-5  2.8e-5  4.4e-6)
+    jax.vjp of the blocked forward  2.1e-5  2.5e-5  1.1e-6   (causal 1.4e-5  1.8e-5  6.2e-7)
+    jax.vjp of a plain softmax      2.9e-5  4.2e-5  1.3e-6   (causal 5.7e-5  4.8e-5  1.0e-6)
+
+dq and dk keep only about 5 digits there whichever way they are computed: a saturated row
+of ``ds`` sums to nearly zero out of terms of size ``do·v``. Two float32 backwards then
+differ by more than 1e-5 from each other, which is why ``check_layer`` judges float32
+against float64 where ``jax.vjp`` itself misses 1e-5.
+
+The limit: ``D = rowsum(do ∘ o)`` equals ``rowsum(p ∘ dp)`` only up to rounding, so a row of
+``ds`` sums to a rounding error instead of to zero (``jax.vjp``'s rows do sum to zero: it
+takes ``D`` from its own ``p`` and ``dp``). Where nearly every row is saturated, the q and k
+gradients are made of the few rows that are not, and that rounding swamps them:
+``check_layer(jbp.attention(1, 2, block_size=2), (5, 3))`` (one head of 2 features, the
+large case's inputs × 30; weight gradients of q and k ~1e-11) finds them off by 9e-7 in
+float64 and by more than 100% in float32, where ``jax.vjp`` is off by 8e-5, and fails. A
+``D`` consistent with ``dp`` needs a whole row of ``p ∘ dp`` before the first block's
+``ds``: a second pass over the key blocks (two more products per block), or a scan over
+query blocks, which sees whole rows. Measured at T = 2048 (B 4, H 4, Dh 64), the
+query-block scan took 0.87–0.91 × the time of ``jax.grad`` through plain attention, this
+one 0.69–0.73 ×, inside the 0.75 target: left out, as FlashAttention leaves it out.
 
 **Blocks and masks.** ``T ≤ block``: one block of all ``T`` keys. Otherwise the keys and
 values are padded with zeros to a multiple of ``block`` and the padded keys are masked
@@ -93,7 +113,8 @@ def _scores(q, k_j, j, block: int, t: int, causal: bool):
 
 
 def attention_core(q, k, v, *, causal: bool, block: int):
-    """``q, k, v (B, H, T, Dh) -> (o (B, H, T, Dh), lse (B, H, T))`` by the online softmax."""
+    """``q, k, v (B, H, T, Dh) -> (o (B, H, T, Dh), m (B, H, T), l (B, H, T))`` by the online
+    softmax: per row the max score ``m`` and the normaliser ``l = Σ exp(s − m)``."""
     t = q.shape[2]
     block, n_blocks = _blocking(t, block)
 
@@ -113,20 +134,21 @@ def attention_core(q, k, v, *, causal: bool, block: int):
     blocks = (_key_blocks(k, block, n_blocks), _key_blocks(v, block, n_blocks),
               jnp.arange(n_blocks))
     (m, l, acc), _ = lax.scan(step, carry, blocks)
-    return acc / l[..., None], m + jnp.log(l)
+    return acc / l[..., None], m, l
 
 
-def attention_core_backward(q, k, v, o, lse, do, *, causal: bool, block: int):
+def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int):
     """``do = ∂C/∂o (B, H, T, Dh) -> (dq, dk, dv)``, each ``(B, H, T, Dh)``; ``p`` recomputed
-    block by block from ``lse``."""
+    block by block from the rows' ``m`` and ``l``."""
     t = q.shape[2]
     block, n_blocks = _blocking(t, block)
     c = 1 / math.sqrt(q.shape[-1])
     D = jnp.sum(do * o, axis=-1, keepdims=True)                       # (B, H, T, 1)
+    log_l = jnp.log(l)[..., None]
 
     def step(dq, kv_j):
         k_j, v_j, j = kv_j
-        p = jnp.exp(_scores(q, k_j, j, block, t, causal) - lse[..., None])
+        p = jnp.exp(_scores(q, k_j, j, block, t, causal) - m[..., None] - log_l)
         dv_j = jnp.einsum("bhqk,bhqd->bhkd", p, do)
         dp = jnp.einsum("bhqd,bhkd->bhqk", do, v_j)
         ds = p * (dp - D)
@@ -161,7 +183,8 @@ class Cache(NamedTuple):
     k: jax.Array
     v: jax.Array
     o: jax.Array    # (B, H, T, Dh), the input of the output projection (heads concatenated)
-    lse: jax.Array  # (B, H, T)
+    m: jax.Array    # (B, H, T), each row's max score
+    l: jax.Array    # (B, H, T), each row's Σ exp(s − m)
     W_o: jax.Array  # (H·Dh, d_model)
 
 
@@ -169,7 +192,7 @@ def _inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
     """``{name: (a, δ)}`` for the four projections: input (B, T, ·) and ∂C/∂output."""
     heads = cache.q.shape[1]
     do = split_heads(dy @ cache.W_o.T, heads)
-    dq, dk, dv = attention_core_backward(cache.q, cache.k, cache.v, cache.o, cache.lse, do,
+    dq, dk, dv = attention_core_backward(cache.q, cache.k, cache.v, cache.o, cache.m, cache.l, do,
                                          causal=causal, block=block)
     return {"q": (cache.x, merge_heads(dq)), "k": (cache.x, merge_heads(dk)),
             "v": (cache.x, merge_heads(dv)), "o": (merge_heads(cache.o), dy)}
@@ -266,9 +289,9 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         q = split_heads(x @ params["q"]["W"] + params["q"]["b"], heads)
         k = split_heads(x @ params["k"]["W"], heads)
         v = split_heads(x @ params["v"]["W"] + params["v"]["b"], heads)
-        o, lse = attention_core(q, k, v, causal=causal, block=block_size)
+        o, m, l = attention_core(q, k, v, causal=causal, block=block_size)
         y = merge_heads(o) @ params["o"]["W"] + params["o"]["b"]
-        return y, Cache(x, q, k, v, o, lse, params["o"]["W"])
+        return y, Cache(x, q, k, v, o, m, l, params["o"]["W"])
 
     def backward(params, cache, dy):
         pairs = _inputs_and_deltas(cache, dy, causal, block_size)
