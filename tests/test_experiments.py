@@ -186,8 +186,8 @@ def test_help_and_a_missing_backend(name, tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.parametrize("models", [("logistic", "mlp", "cnn"), ("gru", "lstm")],
-                         ids=["feedforward", "recurrent"])
+@pytest.mark.parametrize("models", [("logistic", "mlp", "cnn"), ("gru", "lstm", "transformer")],
+                         ids=["feedforward", "sequence"])
 def test_mnist1d_models_quick(tmp_path, env, models):
     """The table's rows, each trained with both gradients from the same init."""
     results, stdout = run_quick("mnist1d_models.py", tmp_path, env, "--models", *models)
