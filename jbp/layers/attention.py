@@ -26,6 +26,14 @@ by block, ``p_j = exp(s_j − m − log l)``, and::
     ds_j = p_j ∘ (dp_j − D)         the softmax backward: ∂C/∂s = p ∘ (∂C/∂p − rowsum(p ∘ ∂C/∂p))
     dq  += c · ds_j k_j             dk_j = c · ds_jᵀ q
 
+A row whose normaliser came out as exactly ``l = 1`` (it sees a single key: T = 1, the first
+row under a causal mask; or its softmax is saturated beyond working precision) is one-hot to
+working precision, and so is the softmax's Jacobian ``diag(p) − p pᵀ`` zero: its ``ds`` is
+set to 0. Computed, ``dp − D`` would be the rounding difference of two reductions of
+``do·v`` (XLA fuses them differently), and dq, dk would be noise where ``jax.vjp`` gives
+exact zeros: at T = 1 the q and k gradients were ~1e-8 (float32) and ~1e-16 (float64) in 4
+of 12 small configurations, exactly zero in all 12 with the rule.
+
 Why ``m`` and ``l`` and not their log-sum-exp ``lse = m + log l`` (one array instead of two,
 ``p_j = exp(s_j − lse)``): where the softmax saturates the scores are in the hundreds, and so
 is ``lse``, whose float32 rounding (2⁻¹⁵ ≈ 3e-5 near 300) becomes a relative error of every
@@ -50,7 +58,8 @@ takes ``D`` from its own ``p`` and ``dp``). Where nearly every row is saturated,
 gradients are made of the few rows that are not, and that rounding swamps them:
 ``check_layer(jbp.attention(1, 2, block_size=2), (5, 3))`` (one head of 2 features, the
 large case's inputs × 30; weight gradients of q and k ~1e-11) finds them off by 9e-7 in
-float64 and by more than 100% in float32, where ``jax.vjp`` is off by 8e-5, and fails. A
+float64 and by 100% in float32 (its rows are one-hot there), where ``jax.vjp`` is off by
+8e-5, and fails. A
 ``D`` consistent with ``dp`` needs a whole row of ``p ∘ dp`` before the first block's
 ``ds``: a second pass over the key blocks (two more products per block), or a scan over
 query blocks, which sees whole rows. Measured at T = 2048 (B 4, H 4, Dh 64), the
@@ -145,13 +154,14 @@ def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int):
     c = 1 / math.sqrt(q.shape[-1])
     D = jnp.sum(do * o, axis=-1, keepdims=True)                       # (B, H, T, 1)
     log_l = jnp.log(l)[..., None]
+    one_hot = (l == 1)[..., None]  # rows whose softmax is one-hot to working precision
 
     def step(dq, kv_j):
         k_j, v_j, j = kv_j
         p = jnp.exp(_scores(q, k_j, j, block, t, causal) - m[..., None] - log_l)
         dv_j = jnp.einsum("bhqk,bhqd->bhkd", p, do)
         dp = jnp.einsum("bhqd,bhkd->bhqk", do, v_j)
-        ds = p * (dp - D)
+        ds = jnp.where(one_hot, 0, p * (dp - D))
         dq = dq + c * jnp.einsum("bhqk,bhkd->bhqd", ds, k_j)
         dk_j = c * jnp.einsum("bhqk,bhqd->bhkd", ds, q)
         return dq, (dk_j, dv_j)
