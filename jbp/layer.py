@@ -214,6 +214,7 @@ def check_state(layer: Layer, state) -> None:
 def run(layer: Layer, params, x, *, key=None, train=False, state=None):
     """Any layer's forward as ``(y, cache, new_state)``; a layer without state gives back
     the ``state`` it got (None or ``{}``)."""
+    check_train(train, layer.name)
     check_state(layer, state)
     if not layer.stateful:
         y, cache = layer.forward(params, x, key=key, train=train)

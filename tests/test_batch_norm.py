@@ -223,6 +223,13 @@ def test_bad_input_gets_a_clear_error():
         jbp.fit(model, CE, params, _data(), key=jax.random.key(0), progress=False)
     with pytest.raises(ValueError, match="batch of more than one example"):
         manual(params, x[:1], y[:1], train=True, state=state)
+    with pytest.raises(TypeError, match=r"train must be a Python bool, got a traced value; "
+                                        r"under jax.jit mark it static"):
+        jax.jit(manual)(params, x, y, train=True, state=state)  # train traced, not static
+    bn = jbp.batch_norm()
+    bn_params, bn_state = bn.init(jax.random.key(0), (3,))[1], bn.init_state((3,))
+    with pytest.raises(TypeError, match=r"batch_norm: train must be a Python bool"):
+        jax.jit(lambda t: bn.forward(bn_params, jnp.ones((4, 3)), train=t, state=bn_state))(True)
     wrong = jbp.serial(jbp.dense(4), jbp.batch_norm()).init_state((2,))
     with pytest.raises(ValueError, match=r"batch_norm: state must be \{'mean': \(3,\).*another model"):
         manual(params, x, y, state=state[:2] + (wrong[1],) + state[3:])

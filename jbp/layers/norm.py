@@ -30,8 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
-                       per_example_rows)
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, check_train,
+                       constructor, per_example_rows)
 
 
 def _grads(cache, delta):
@@ -242,6 +242,7 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
                              f"{n} channels, got {got}; is it the state of another model?")
 
     def forward(params, x, *, key=None, train=False, state=None):
+        check_train(train, who)
         check_norm_params(params, who)
         check_array(x, who)
         n = params["scale"].shape[0]
