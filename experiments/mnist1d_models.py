@@ -1,15 +1,16 @@
 """The MNIST-1D paper's table, re-run with the hand-written backward and with jax.grad.
 
 Four models from the paper (Greydanus, 2020: logistic regression 32%, MLP 68%, CNN 94%, GRU
-91% test accuracy), an LSTM and a small transformer, each trained from the same init on the same batches with
-both gradients, over several seeds. The CNN here is four convolutions of 32 channels
-(kernel 5, ReLU), a global average pool and a dense head; the pool, not the paper's flatten,
-is what lifts it above the paper's 94%. The GRU and the LSTM read the signal as a sequence
-of 40 steps of one feature (64 units, one direction) and a dense head reads their last
-state. The transformer reads the signal as a vision transformer reads an image: 10 patches
-of 4 steps, each embedded in 64 features (``conv(64, 4, stride=4)``), a learned positional
-embedding, two pre-norm blocks (4 heads of 16, MLP of 128, no mask), a final layer norm,
-the mean over the patches and a dense head. Every model: AdamW (weight decay 1e-4) with cosine decay from 3e-3, batch 100.
+91% test accuracy), an LSTM and a small transformer, each trained from the same init on the
+same batches with both gradients, over several seeds. The CNN here is four convolutions of
+32 channels (kernel 5, ReLU), a global average pool and a dense head; the pool, not the
+paper's flatten, is what lifts it above the paper's 94%. The GRU and the LSTM read the
+signal as a sequence of 40 steps of one feature (64 units, one direction) and a dense head
+reads their last state. The transformer reads the signal as a vision transformer reads an
+image: 10 patches of 4 steps, each embedded in 64 features (``conv(64, 4, stride=4)``), a
+learned positional embedding, two pre-norm blocks (4 heads of 16, MLP of 128, no mask), a
+final layer norm, the mean over the patches and a dense head. Every model: AdamW (weight
+decay 1e-4) with cosine decay from 3e-3, batch 100.
 
 Writes results.json (every run's history) and accuracy.png (test accuracy per model,
 manual vs autodiff, every seed) into --out.
@@ -26,7 +27,7 @@ from jbp.cli import experiment_parser, plt, start_device
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
-# test accuracy, Greydanus (2020); the paper has no LSTM
+# test accuracy, Greydanus (2020); the paper has no LSTM and no transformer
 PAPER = {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91, "lstm": None,
          "transformer": None}
 
