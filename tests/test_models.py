@@ -71,7 +71,7 @@ def witnesses(model, loss, params, x, y, finite_differences):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(problem=problems())
 def test_manual_equals_autodiff_equals_finite_differences(dtype_name, problem):
     """Manual backprop vs jax.grad (values, grads, and every layer's delta = ∂C/∂z), and in
@@ -155,7 +155,7 @@ def graphs(draw, width=st.integers(1, 12)):
     return jbp.serial(*layers, jbp.dense(draw(st.integers(2, 6))))
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(model=graphs(), n_in=st.integers(1, 8), batch=st.integers(1, 9),
        dtypes=st.sampled_from([("float32", "float32"), ("float64", "float64"),
                                ("float32", "float64"), ("float64", "float32")]),
