@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 from jbp.layers.recurrent import bptt_deltas
 
@@ -125,9 +125,7 @@ def plot(out, runs, args):
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4)
     fig.suptitle(f"adding problem, {args.hidden} units, {args.steps} steps, {args.grad} "
                  f"gradient")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(out / "mse.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "mse.png", tight_rect=(0, 0.07, 1, 1))
 
     T = max(args.lengths)
     fig, axes = pyplot.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -142,9 +140,7 @@ def plot(out, runs, args):
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     axes[0].set_ylabel("‖∂C/∂h_t‖, relative to the last step")
-    fig.tight_layout()
-    fig.savefig(out / "grad_norm.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "grad_norm.png")
 
 
 def main(argv=None):

@@ -145,9 +145,7 @@ def plot(points, cfg, out):
         ax.set_xlabel("sequence length T")
         ax.legend()
     axes[0].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(out / "attention_memory.png", dpi=120)
-    plt.close(fig)
+    cli.save_figure(fig, out / "attention_memory.png")
 
 
 def main(argv=None):

@@ -458,14 +458,12 @@ def _errorbars(ax, idx, stats, series, scale=1.0):
         ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=text)
 
 
-def _finish(plt, fig, ax, points, title, ylabel, path):
+def _finish(fig, ax, points, title, ylabel, path):
     """Log y axis, one labelled column per grid point, legend; save and close."""
     ax.set(yscale="log", ylabel=ylabel, title=title)
     ax.set_xticks(np.arange(len(points)), [p["label"] for p in points], rotation=90, fontsize=7)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cli.save_figure(fig, path)
 
 
 def plot(points, peak, out_dir):
@@ -478,7 +476,7 @@ def plot(points, peak, out_dir):
     _errorbars(ax, idx, [p["time_s"] for p in points],
                [("manual_step", "o", "manual_step"), ("autodiff_step", "x", "autodiff_step"),
                 ("forward", ".", "forward")], scale=1e3)
-    _finish(plt, fig, ax, points, "Adam training step: hand-written backward vs jax.grad",
+    _finish(fig, ax, points, "Adam training step: hand-written backward vs jax.grad",
             "median time per call (ms)", out_dir / "step_time.png")
 
     fig, ax = plt.subplots(figsize=size)
@@ -486,7 +484,7 @@ def plot(points, peak, out_dir):
                                  ("ratio_grad", "x", "ratio_grad (median, IQR)")])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(TARGETS["ratio_point_max"], color="r", lw=0.8, ls="--", label="1.05")
-    _finish(plt, fig, ax, points,
+    _finish(fig, ax, points,
             "Per-round paired time ratio (below 1: the hand-written backward is faster)",
             "paired ratio manual / autodiff (log scale)", out_dir / "ratio.png")
 
@@ -495,7 +493,7 @@ def plot(points, peak, out_dir):
         ax.plot(idx, [p["gflops"][name] for p in points], marker, label=name)
     ax.axhline(peak["gflops"], color="k", lw=0.8, ls="--",
                label=f"measured matmul peak {peak['gflops']:.1f}")
-    _finish(plt, fig, ax, points,
+    _finish(fig, ax, points,
             "Training step throughput vs a float32 product of the point's own shape",
             "GFLOP/s (products counted; CNN: XLA's FLOPs; / median time)", out_dir / "gflops.png")
 
@@ -504,7 +502,7 @@ def plot(points, peak, out_dir):
         for path, marker in (("manual", m_marker), ("autodiff", a_marker)):
             ax.plot(idx, [temp_mib(p, f"{path}_{kind}") for p in points], marker,
                     fillstyle="none", label=f"{path}_{kind}")
-    _finish(plt, fig, ax, points, "XLA temporary memory: manual vs autodiff",
+    _finish(fig, ax, points, "XLA temporary memory: manual vs autodiff",
             "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png")
 
 

@@ -41,7 +41,7 @@ import optax
 from tqdm.auto import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.evaluation import make_evaluator
 from jbp.io import write_json
 from jbp.train import compiled
@@ -175,9 +175,7 @@ def plot(out, runs, agree):
     axes[2].grid(alpha=0.3)
     fig.suptitle("character LM on Python stdlib source: hand-written backward (solid) "
                  "vs jax.grad (dashed)")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, out / "curves.png", dpi=110)
 
 
 def parse_args(argv=None):

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
@@ -84,9 +84,7 @@ def plot(out, runs, diffs):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("MNIST-1D MLP: hand-written backward (solid) vs jax.grad (dashed)")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "curves.png")
 
     fig, ax = pyplot.subplots(figsize=(6, 4))
     epochs = sorted(diffs)
@@ -94,9 +92,7 @@ def plot(out, runs, diffs):
     ax.set(xlabel="epoch", ylabel="max |θ_manual − θ_autodiff|", yscale="log",
            title="parameter difference between the two runs")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "param_diff.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "param_diff.png")
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ import optax
 
 import jbp
 from jbp import bench, data_parallel, distributed
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
@@ -308,9 +308,7 @@ def plot(out: Path, runs: list[dict]) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("MNIST-1D MLP, data-parallel (jbp.fit mesh=...) over the single-device run")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "curves.png")
 
     fig, (ax_t, ax_e) = pyplot.subplots(1, 2, figsize=(11, 4))
     labels = [run["label"] for run in runs]
@@ -328,9 +326,7 @@ def plot(out: Path, runs: list[dict]) -> None:
         ax.set_xticks(pos, labels, rotation=20, fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "scaling.png")
 
 
 def report(runs: list[dict]) -> None:

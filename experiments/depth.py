@@ -12,7 +12,7 @@ import time
 import jax
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 N_IN, N_OUT = 40, 10
@@ -62,9 +62,7 @@ def plot(path, runs, depths):
            title="MNIST-1D: deep and thin vs shallow and wide")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

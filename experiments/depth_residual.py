@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 from jbp.layers.serial import init_gain
 
@@ -183,9 +183,7 @@ def plot_accuracy(path, runs, args):
     axes[0][0].set_ylabel("test accuracy")
     axes[0][0].legend()
     fig.suptitle(f"MNIST-1D, {args.epochs} epochs of {args.optimizer} lr {args.lr}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, path)
 
 
 def plot_deltas(path, runs, args):
@@ -207,9 +205,7 @@ def plot_deltas(path, runs, args):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("‖δ‖ = ‖∂C/∂(block output)‖, probe batch")
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, path)
 
 
 def print_table(runs, args):

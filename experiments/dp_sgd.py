@@ -238,9 +238,7 @@ def main(argv=None):
     ax.set_ylabel("test accuracy")
     ax.set_title(f"DP-SGD on {args.data} (C={cfg['l2_norm_clip']}, σ={cfg['noise_multiplier']})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "accuracy.png", dpi=120)
-    plt.close(fig)
+    cli.save_figure(fig, args.out / "accuracy.png")
 
     print(f"{'path':<12}{'test acc':>9}{'train acc':>10}{'ms/step':>9}")
     for name, run in runs.items():

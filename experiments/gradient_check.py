@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 # manual vs autodiff must agree to these (normwise relative); vs float64 finite
@@ -80,8 +80,7 @@ def heat_map(rows, depths, activations, losses, dtypes, path):
             for (r, c), v in np.ndenumerate(grid):
                 ax.text(c, r, f"{v:.0e}", ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(im, ax=axes, label="log10 relative error (worst leaf)")
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, path, dpi=110, tight_rect=None)
 
 
 def main(argv=None):

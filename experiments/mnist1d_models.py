@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
@@ -100,9 +100,7 @@ def plot(out, results, seeds):
            title=f"MNIST-1D, {seeds} seed{'s' * (seeds > 1)} per point")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, out / "accuracy.png")
 
 
 def main(argv=None):

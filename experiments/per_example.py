@@ -145,9 +145,7 @@ def plot(points, cfg, out):
         ax.set_ylabel("median time per call (ms)")
         ax.set_title(f"per-example grad norms, {fixed} {fixed_val}, depth {cfg['depth']}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=120)
-    plt.close(fig)
+    cli.save_figure(fig, out / "speedup.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     sel = sorted(points, key=lambda p: (p["batch"], p["width"]))
@@ -160,9 +158,7 @@ def plot(points, cfg, out):
     ax.set_ylabel("XLA temp memory (MiB)")
     ax.set_title("compiled temporary memory")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=120)
-    plt.close(fig)
+    cli.save_figure(fig, out / "memory.png")
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jbp
-from jbp.cli import experiment_parser, plt, start_device
+from jbp.cli import experiment_parser, plt, save_figure, start_device
 from jbp.io import write_json
 
 LOSS = jbp.losses.softmax_cross_entropy
@@ -71,9 +71,7 @@ def plot(path, results, args):
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("‖∂C/∂z‖ over the probe batch")
     fig.suptitle(f"{args.depth} hidden layers of {args.width}, {args.optimizer} lr {args.lr}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

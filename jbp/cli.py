@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
+from jbp.io import write_atomic
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except None: there the help says what happens."""
@@ -100,3 +102,15 @@ def plt():
     import matplotlib.pyplot
 
     return matplotlib.pyplot
+
+
+def save_figure(fig, path, *, dpi: int = 120, tight_rect=(0, 0, 1, 1)) -> Path:
+    """Lay ``fig`` out tightly within ``tight_rect`` (None: keep the figure's own layout),
+    write it to ``path`` as a PNG, atomically (a plot is never left half-written), and
+    close it."""
+    if tight_rect is not None:
+        fig.tight_layout(rect=tight_rect)
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt().close(fig)
