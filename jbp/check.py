@@ -2,7 +2,15 @@
 
 ``compare_grads(grads, reference)`` says, for every parameter leaf, how far two gradients
 are apart (max absolute error, normwise relative error ‖g − r‖/‖r‖) and which layer, in
-backward order, is the first to disagree. ``numerical_value_and_grad`` has the signature
+backward order, is the first to disagree.
+
+A leaf whose exact gradient is zero (a bias right before batch norm in training mode, whose
+shift the normalisation removes) gets rounding noise from both paths, and ‖g − r‖/‖r‖ is
+then noise over noise. So each leaf is judged against the larger of its own norm and a
+*floor* from the whole gradient: the norm the leaf would have if its elements were of the
+whole gradient's typical (RMS) size, ‖r_all‖·√(n_leaf/n_all). A leaf of ordinary size is
+judged by its own norm as before; a leaf of (near-)zero gradient passes with noise and fails
+with an error at the level of the tolerance times the gradient's typical element. ``numerical_value_and_grad`` has the signature
 of the other gradient functions and computes central differences in float64.
 """
 
@@ -29,8 +37,9 @@ class LeafDiff(NamedTuple):
     layer: int | None  # top-level layer index, where params are a tuple per layer
     shape: tuple
     max_abs: float
-    rel: float  # ‖g − r‖ / ‖r‖ (0 when both are 0, inf when only r is 0)
+    rel: float  # ‖g − r‖ / max(‖r‖, floor) (0 when g = r; see the module docstring)
     ok: bool
+    floored: bool = False  # whether the floor, larger than ‖r‖, was the scale
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,15 @@ class GradComparison:
         lines = [head, "-" * len(head)]
         for leaf in self.leaves:
             lines.append(f"{leaf.path:<{w}}{str(leaf.shape):>{s}}{leaf.max_abs:>14.3e}"
-                         f"{leaf.rel:>12.3e}  {'yes' if leaf.ok else 'NO'}")
+                         f"{leaf.rel:>12.3e}{'*' if leaf.floored else ' '} "
+                         f"{'yes' if leaf.ok else 'NO'}")
         first = self.first_disagreement
         verdict = ("all leaves agree" if first is None else
                    f"first disagreement in backward order: {first.path}")
         lines.append(f"{verdict} (rtol {self.rtol:.0e}, max rel err {self.max_rel:.3e})")
+        if any(leaf.floored for leaf in self.leaves):
+            lines.append("* relative to the floor (the whole gradient's typical element size, "
+                         "larger than this leaf's)")
         return "\n".join(lines)
 
 
@@ -82,7 +95,9 @@ def compare_grads(grads, reference, *, rtol: float | None = None) -> GradCompari
     """Compare ``grads`` with ``reference`` leaf by leaf (both pytrees of one structure).
 
     ``rtol`` (normwise relative error allowed) defaults by the reference's dtype: 1e-12 for
-    float64, 1e-5 for float32.
+    float64, 1e-5 for float32. A leaf passes if its values are finite and
+    ``‖g − r‖ ≤ rtol · max(‖r‖, ‖r_all‖·√(n_leaf/n_all))``: relative to its own norm, or, for
+    a leaf whose exact gradient is ~0, to the whole gradient's scale (module docstring).
     """
     paths_g, tree_g = jax.tree_util.tree_flatten_with_path(grads)
     paths_r, tree_r = jax.tree_util.tree_flatten_with_path(reference)
@@ -92,19 +107,26 @@ def compare_grads(grads, reference, *, rtol: float | None = None) -> GradCompari
     if rtol is None:
         dtypes = {np.dtype(jnp.result_type(leaf)) for _, leaf in paths_r}
         rtol = max((DEFAULT_RTOL.get(d, 1e-2) for d in dtypes), default=1e-12)
-    leaves = []
+    pairs = []
     for (path, g), (_, r) in zip(paths_g, paths_r):
         g64, r64 = np.asarray(g, np.float64), np.asarray(r, np.float64)
         if g64.shape != r64.shape:
             raise ValueError(f"compare_grads: leaf {jax.tree_util.keystr(path)} has shape "
                              f"{g64.shape} in grads but {r64.shape} in reference")
+        pairs.append((path, g64, r64))
+    n_all = sum(r.size for _, _, r in pairs)
+    norm_all = math.sqrt(sum(float(np.sum(r * r)) for _, _, r in pairs))
+    leaves = []
+    for path, g64, r64 in pairs:
         diff = g64 - r64
         err, norm = float(np.linalg.norm(diff)), float(np.linalg.norm(r64))
-        rel = 0.0 if err == 0 else (err / norm if norm > 0 else math.inf)
+        floor = norm_all * math.sqrt(r64.size / n_all) if n_all else 0.0
+        scale = max(norm, floor)
+        rel = 0.0 if err == 0 else (err / scale if scale > 0 else math.inf)
         max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
         ok = bool(np.all(np.isfinite(g64))) and rel <= rtol
         leaves.append(LeafDiff(jax.tree_util.keystr(path), _layer_of(path), g64.shape,
-                               max_abs, rel, ok))
+                               max_abs, rel, ok, floor > norm))
     return GradComparison(tuple(leaves), float(rtol))
 
 

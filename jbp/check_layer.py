@@ -8,15 +8,23 @@ in float64 and in float32:
   dtype, and ``backward`` returns ``dparams`` with the structure, shapes and dtypes of
   ``params`` and ``dx`` with the shape and dtype of ``x``;
 - the backward equals ``jax.vjp`` of the layer's own forward (normwise relative error per
-  leaf ≤ 1e-12 in float64, ≤ 1e-5 in float32) at random inputs, at zeros (kinks), at large
-  inputs (saturation) and for a batch of one. In float32 a leaf further than 1e-5 from
-  ``jax.vjp`` gets a second look: where the input makes the gradient ill-conditioned (a
+  leaf ≤ 1e-12 in float64, ≤ 1e-5 in float32, with :func:`jbp.compare_grads`' floor for a
+  leaf whose exact gradient is ~0) at random inputs, at zeros (kinks), at large inputs
+  (saturation), for a batch of one, and at **random params**. Init's params hide slips: a
+  scale that starts at 1 makes a backward that forgets to multiply by it exact. So the last
+  case draws every leaf afresh around init's (or the given) params: a leaf of one sign (a
+  scale, a gain) times ``exp(N(0, ½²))`` element by element, any other leaf plus ``N(0, s²)``
+  with ``s`` its RMS (1 for a leaf of zeros, a bias). In float32 a leaf further than 1e-5
+  from ``jax.vjp`` gets a second look: where the input makes the gradient ill-conditioned (a
   saturated softmax whose row of ∂C/∂s sums to nearly zero out of large terms), ``jax.vjp``
   in float32 is itself that far from the exact gradient, and two float32 backwards that
   round differently cannot agree to 1e-5. Both are then measured against ``jax.vjp`` in
   float64 from the same (float32-rounded) inputs, and the leaf passes if the backward's
   error is within ``ROUNDING_FACTOR`` (10, an order of magnitude) of ``jax.vjp``'s own. A
   wrong formula is off by far more; float64, where correctness is proven, stays at 1e-12;
+- the backward uses no autodiff (the protocol's rule): while it is traced, JAX must start no
+  JVP or linearization (``jax.grad``, ``jax.vjp``, ``jax.jvp``, ``jax.linearize``, the
+  ``jac*`` functions) and no transposition (``jax.linear_transpose``);
 - the per-example declaration holds: the layer keeps the examples of a batch apart (a
   cotangent in row i alone gives a dx that is zero outside row i), and the per-example
   gradients of its :class:`PerExampleRule` (or of its children's, for a composite), their
@@ -43,6 +51,7 @@ for a wrong layer, so the report can be printed.
 True
 """
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -59,9 +68,10 @@ from jbp.per_example import trace
 # jax.vjp itself misses the float32 tolerance (see the module docstring).
 ROUNDING_FACTOR = 10
 
-# name -> (scale of N(0, 1) draws, batch size or None for the default); zeros hit the kinks.
-CASES = {"random": (1.0, None), "zeros": (0.0, None), "large": (30.0, None),
-         "batch of 1": (1.0, 1)}
+# name -> (scale of N(0, 1) draws, batch size or None for the default, params drawn around
+# the checked ones); zeros hit the kinks.
+CASES = {"random": (1.0, None, False), "zeros": (0.0, None, False), "large": (30.0, None, False),
+         "batch of 1": (1.0, 1, False), "random params": (1.0, None, True)}
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ def _cast(tree, dtype):
         tree)
 
 
-def check_layer(layer: Layer, in_shape, *, batch: int = 4, seed: int = 0, key=None,
+def check_layer(layer: Layer, in_shape, *, params=None, batch: int = 4, seed: int = 0, key=None,
                 train: bool = False, dtypes=("float64", "float32"),
                 int_range: tuple[int, int] | None = None) -> LayerReport:
     """Check ``layer`` against the protocol and against ``jax.vjp`` of its own forward.
@@ -122,6 +132,8 @@ def check_layer(layer: Layer, in_shape, *, batch: int = 4, seed: int = 0, key=No
     Args:
       layer: the Layer to check (a leaf layer or a composite).
       in_shape: the per-example input shape (no batch dimension).
+      params: the params to check at (cast to each dtype), shaped as ``init``'s; None (the
+        default) takes ``init``'s. The "random params" case draws around them either way.
       batch: examples per input batch (a batch of one is checked too).
       seed: seeds the params (``init``), the inputs and the cotangents.
       key, train: passed to ``forward``/``apply`` (e.g. ``train=True`` with a key for dropout).
@@ -145,8 +157,8 @@ def check_layer(layer: Layer, in_shape, *, batch: int = 4, seed: int = 0, key=No
     checks: list[Check] = []
     for dtype in dtypes:
         with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
-            built = _check_dtype(layer, in_shape, jnp.dtype(dtype), batch, seed, key, train,
-                                 int_range, checks)
+            built = _check_dtype(layer, in_shape, params, jnp.dtype(dtype), batch, seed, key,
+                                 train, int_range, checks)
         if not built:
             break  # init fails: one dtype says why
     return LayerReport(layer.name, tuple(checks))
@@ -163,8 +175,9 @@ def _inputs(rng, shape, dtype, case, int_range):
     return jnp.asarray(x, jnp.int32)
 
 
-def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, checks) -> bool:
-    """Append the checks in ``dtype`` to ``checks``; False if ``init`` failed."""
+def _check_dtype(layer, in_shape, given, dtype, batch, seed, key, train, int_range,
+                 checks) -> bool:
+    """Append the checks in ``dtype`` to ``checks``; False if ``init`` (or ``given``) failed."""
     name = dtype.name
     try:
         out_shape, params = layer.init(jax.random.key(seed), tuple(in_shape))
@@ -177,11 +190,19 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, che
     except Exception as err:  # noqa: BLE001 (reported, not hidden)
         checks.append(Check(f"{name}: init", False, _error(err)))
         return False
+    if given is not None:
+        try:
+            params = _given_params(given, params)
+        except ValueError as err:
+            checks.append(Check(f"{name}: the given params", False, _error(err)))
+            return False
     params = _cast(params, dtype)
+    drawn = _draw_around(params, np.random.default_rng([seed, 1]))
     rng = np.random.default_rng(seed)
     kw = {"key": key, "train": train, "state": _random_state(layer, in_shape, rng, dtype)}
     mixes = layer.stateful and train
-    for case, (scale, case_batch) in CASES.items():
+    autodiff = set()
+    for case, (scale, case_batch, around) in CASES.items():
         if mixes and case_batch == 1:
             checks.append(Check(f"{name} {case}", True, "not checked: training mode of a layer "
                                 "with state needs batch statistics of more than one example"))
@@ -190,31 +211,96 @@ def _check_dtype(layer, in_shape, dtype, batch, seed, key, train, int_range, che
         x = _inputs(rng, (b, *in_shape), dtype, case, int_range)
         dy = jnp.asarray(rng.normal(size=(b, *out_shape)), dtype)
         what = f"{name} {case}"
+        at = drawn if around else params
         try:
-            _check_shapes(layer, params, x, dy, out_shape, dtype, kw)
+            autodiff |= _check_shapes(layer, at, x, dy, out_shape, dtype, kw)
         except Exception as err:  # noqa: BLE001
             checks.append(Check(f"{what}: shapes and dtypes", False, _error(err)))
             continue
-        manual, reference = _vjp_pair(layer, params, x, dy, kw)
+        manual, reference = _vjp_pair(layer, at, x, dy, kw)
         compared = "dparams and dx"
         if int_range is not None:  # an integer input has no gradient (jax.vjp: float0)
             manual, reference, compared = manual["dparams"], reference["dparams"], "dparams"
-        comparison = compare_grads(manual, reference, rtol=DEFAULT_RTOL[dtype])
+        comparison = _compare(manual, reference, DEFAULT_RTOL[dtype])
         detail = (f"max rel err {comparison.max_rel:.1e} over {len(comparison.leaves)} leaves "
                   f"of {compared}")
         if not comparison.ok and dtype != jnp.float64:
-            comparison, vjp_err = _against_float64(layer, params, x, dy, kw, manual, reference,
+            comparison, vjp_err = _against_float64(layer, at, x, dy, kw, manual, reference,
                                                    int_range is not None, dtype)
             detail += (f"; against float64 {comparison.max_rel:.1e}, jax.vjp's own "
                        f"{vjp_err:.1e} (allowed: {ROUNDING_FACTOR}× jax.vjp's, leaf by leaf)")
         checks.append(Check(f"{what}: backward vs jax.vjp", comparison.ok, detail, comparison))
-        if case == "random" and mixes:
+        if case in ("random", "random params") and mixes:
             checks.append(Check(f"{what}: per-example declaration", True, "not checked: in "
                                 "training mode batch statistics mix the examples"))
-        elif case == "random":
+        elif case in ("random", "random params"):
             x_other = _inputs(rng, x.shape, dtype, "random", int_range)
-            checks.append(_check_per_example(layer, params, x, x_other, dy, kw, dtype, what))
+            checks.append(_check_per_example(layer, at, x, x_other, dy, kw, dtype, what))
+    checks.append(Check(f"{name}: backward without autodiff", not autodiff,
+                        f"the backward started JAX's autodiff ({', '.join(sorted(autodiff))}); "
+                        f"a backward is written by hand in jax.numpy" if autodiff else ""))
     return True
+
+
+def _given_params(given, params):
+    """``given``, checked to have the structure and shapes of init's ``params``."""
+    def shape_of(tree):
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.float32),
+                                      tree)
+
+    check_like("check_layer", "params", shape_of(given), shape_of(params))
+    return given
+
+
+def _draw_around(params, rng):
+    """Params drawn around ``params`` (the "random params" case; see the module docstring):
+    a leaf of one sign times exp(N(0, ½²)), any other leaf plus N(0, s²), s its RMS or 1."""
+
+    def draw(p):
+        a = np.asarray(p, np.float64)
+        if a.size and (np.all(a > 0) or np.all(a < 0)):
+            new = a * np.exp(0.5 * rng.normal(size=a.shape))
+        else:
+            s = math.sqrt(float(np.mean(a * a))) if a.size else 0.0
+            new = a + (s if s > 0 else 1.0) * rng.normal(size=a.shape)
+        return jnp.asarray(new, jnp.result_type(p))
+
+    return jax.tree_util.tree_map(draw, params)
+
+
+# What JAX's autodiff starts, by where it is started from: a JVP (jax.jvp, jax.jacfwd, and
+# forward-over-reverse), a linearization (jax.grad, jax.vjp, jax.linearize, jax.jacrev) and
+# a transposition (jax.linear_transpose, and the second half of jax.vjp).
+_AUTODIFF_ENTRIES = (("JVPTrace", "__init__", "a JVP: jax.jvp or jax.jacfwd"),
+                     ("LinearizeTrace", "__init__",
+                      "a linearization: jax.grad, jax.vjp, jax.linearize or jax.jacrev"),
+                     (None, "backward_pass3", "a transposition: jax.linear_transpose"))
+
+
+@contextlib.contextmanager
+def _autodiff_watch():
+    """Yield a set that collects which of :data:`_AUTODIFF_ENTRIES` JAX enters inside the
+    block (entries this JAX version lacks are not watched)."""
+    from jax._src.interpreters import ad
+
+    seen, saved = set(), []
+    for cls, name, what in _AUTODIFF_ENTRIES:
+        owner = getattr(ad, cls, None) if cls else ad
+        original = getattr(owner, name, None)
+        if original is None:
+            continue
+
+        def spy(*args, _original=original, _what=what, **kwargs):
+            seen.add(_what)
+            return _original(*args, **kwargs)
+
+        saved.append((owner, name, original))
+        setattr(owner, name, spy)
+    try:
+        yield seen
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def _random_state(layer, in_shape, rng, dtype):
@@ -228,10 +314,10 @@ def _random_state(layer, in_shape, rng, dtype):
     return _cast(jax.tree_util.tree_unflatten(tree, [jnp.asarray(d) for d in drawn]), dtype)
 
 
-def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
+def _check_shapes(layer, params, x, dy, out_shape, dtype, kw) -> set:
     """Trace (no compile) forward and backward; raise with what is wrong. ``y`` must have
     ``dtype`` (the input's, or the params' for integer inputs); ``dx`` the shape of ``x`` and,
-    for a float ``x``, its dtype."""
+    for a float ``x``, its dtype. Returns the autodiff the backward started (empty: none)."""
     floating = jnp.issubdtype(x.dtype, jnp.inexact)
 
     def run_once(params, x, dy):
@@ -242,7 +328,9 @@ def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
         if y.dtype != dtype:
             raise ValueError(f"forward gave y of dtype {y.dtype} for an input of {x.dtype}"
                              + ("" if floating else f" and params of {dtype}"))
-        dparams, dx = layer.backward(params, cache, dy)
+        with _autodiff_watch() as seen:
+            dparams, dx = layer.backward(params, cache, dy)
+        autodiff.update(seen)
         check_like("backward", "dparams", dparams, params)
         if not floating:  # no gradient to check the dtype of (jax.vjp gives float0 zeros)
             if tuple(dx.shape) != tuple(x.shape):
@@ -253,7 +341,9 @@ def _check_shapes(layer, params, x, dy, out_shape, dtype, kw):
             raise ValueError(f"backward gave dx of shape {tuple(dx.shape)} and dtype {dx.dtype}, "
                              f"expected x's {tuple(x.shape)} and {x.dtype}")
 
+    autodiff = set()
     jax.eval_shape(run_once, params, x, dy)
+    return autodiff
 
 
 def _against_float64(layer, params, x, dy, kw, manual, reference, params_only, dtype):
@@ -265,11 +355,22 @@ def _against_float64(layer, params, x, dy, kw, manual, reference, params_only, d
         up = functools.partial(_cast, dtype=jnp.float64)
         exact = _vjp_pair(layer, up(params), up(x), up(dy), {**kw, "state": up(kw["state"])})[1]
         exact = exact["dparams"] if params_only else exact
-        mine, theirs = (compare_grads(g, exact, rtol=rtol) for g in (manual, reference))
+        mine, theirs = (_compare(g, exact, rtol) for g in (manual, reference))
     leaves = tuple(m._replace(ok=m.ok or (math.isfinite(m.rel) and
                                           m.rel <= ROUNDING_FACTOR * t.rel))
                    for m, t in zip(mine.leaves, theirs.leaves))
     return GradComparison(leaves, rtol), theirs.max_rel
+
+
+def _compare(got: dict, want: dict, rtol: float) -> GradComparison:
+    """:func:`compare_grads` of each entry of two dicts on its own (dparams and dx, or the
+    per-example quantities), merged: a leaf's floor for a ~0 exact value comes from its own
+    quantity, not from another of a different scale (dx, squared norms)."""
+    if not isinstance(want, dict):  # dparams alone
+        return compare_grads(got, want, rtol=rtol)
+    leaves = tuple(leaf for k in want for leaf in
+                   compare_grads({k: got[k]}, {k: want[k]}, rtol=rtol).leaves)
+    return GradComparison(leaves, rtol)
 
 
 def _vjp_pair(layer, params, x, dy, kw):
@@ -297,7 +398,7 @@ def _check_per_example(layer, params, x, x_other, dy, kw, dtype, what) -> Check:
                                       kw["state"])
     except Exception as err:  # noqa: BLE001
         return Check(name, False, _error(err))
-    comparison = compare_grads(got, want, rtol=DEFAULT_RTOL[dtype])
+    comparison = _compare(got, want, DEFAULT_RTOL[dtype])
     return Check(name, comparison.ok, f"examples kept apart, per-example gradients, norms and "
                                       f"sums of squares vs jax.vjp; max rel err "
                                       f"{comparison.max_rel:.1e}", comparison)

@@ -25,7 +25,7 @@ def test_check_layer(layer, in_shape):
     float32; examples kept apart; per-example gradients, norms and sums of squares."""
     report = jbp.check_layer(layer, in_shape, int_range=(0, 10))
     assert report.ok, str(report)
-    assert len(report.checks) == 10 and "leaves of dparams" in str(report)
+    assert len(report.checks) == 16 and "leaves of dparams" in str(report)
 
 
 def test_repeated_ids_accumulate_and_ids_get_float0():

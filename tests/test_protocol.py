@@ -199,19 +199,20 @@ def test_check_layer_finds_what_is_wrong():
     forgot = jbp.check_layer(_scale(forget_sum=True), (3,))
     assert not forgot.ok and "a backward must sum over the batch" in str(forgot)
     wrong_rule = jbp.check_layer(_scale(jbp.PerExampleRule(lambda x, d: {"s": 2 * x * d})), (3,))
-    assert [c.name for c in wrong_rule.failures] == ["float64 random: per-example declaration",
-                                                     "float32 random: per-example declaration"]
+    assert [c.name for c in wrong_rule.failures] == [
+        f"{d} {case}: per-example declaration" for d in ("float64", "float32")
+        for case in ("random", "random params")]
     double = jbp.Layer("double", lambda k, s: (s, {}),
                        lambda p, x, *, key=None, train=False: (x, None),
                        lambda p, c, dy: ({}, 2 * dy))
-    assert len(jbp.check_layer(double, (3,)).failures) == 8  # every case, both dtypes
+    assert len(jbp.check_layer(double, (3,)).failures) == 10  # every case, both dtypes
     # 1e-4 off: float32's second look (against float64, where jax.vjp of an identity is
     # exact) does not excuse it
     nearly = jbp.Layer("nearly", lambda k, s: (s, {}),
                        lambda p, x, *, key=None, train=False: (x, None),
                        lambda p, c, dy: ({}, (1 + 1e-4) * dy))
     failures = jbp.check_layer(nearly, (3,)).failures
-    assert len(failures) == 8 and "against float64 1.0e-04, jax.vjp's own 0.0e+00" in str(failures[-1])
+    assert len(failures) == 10 and "against float64 1.0e-04, jax.vjp's own 0.0e+00" in str(failures[-1])
     # and the gradient functions refuse the forgotten sum, naming the layer
     model = jbp.serial(jbp.dense(3), _scale(forget_sum=True), jbp.dense(2))
     _, params = model.init(jax.random.key(0), (4,))
@@ -234,3 +235,142 @@ def test_user_layer_per_example_rule_and_curvature_errors():
     with pytest.raises(ValueError, match=r"^ggn_diagonal: layer scale: .*ggn_diagonal needs every "
                                          r"layer to declare Layer.per_example"):
         jbp.ggn_diagonal(undeclared, CE)(undeclared.init(jax.random.key(0), (4,))[1], x, y)
+
+
+# ---------------------------------------------------------------------------- check_layer's edges
+
+def _scale_shift(slip=False):
+    """docs/custom_layers.md's layer; ``slip``: its backward forgets the × s of dx."""
+
+    def backward(params, x, dy):
+        dx = dy if slip else dy * params["s"]
+        return {"s": jnp.sum(x * dy, axis=0), "t": jnp.sum(dy, axis=0)}, dx
+
+    return jbp.Layer("scale_shift", lambda k, s: (s, {"s": jnp.ones(s), "t": jnp.zeros(s)}),
+                     lambda p, x, *, key=None, train=False: (x * p["s"] + p["t"], x), backward)
+
+
+def _swish(slip=False):
+    """y = x·sigmoid(β x) with a learnable β (starts at 1); ``slip``: dx forgets β."""
+
+    def forward(params, x, *, key=None, train=False):
+        return x * jax.nn.sigmoid(params["beta"] * x), x
+
+    def backward(params, x, dy):
+        beta = params["beta"]
+        s = jax.nn.sigmoid(beta * x)
+        ds = s * (1 - s)  # ∂sigmoid/∂(βx)
+        dx = dy * (s + x * (1 if slip else beta) * ds)
+        return {"beta": jnp.sum(dy * x * x * ds, axis=0)}, dx
+
+    return jbp.Layer("swish", lambda k, s: (s, {"beta": jnp.ones(s)}), forward, backward)
+
+
+@pytest.mark.parametrize("make", [_scale_shift, _swish], ids=["scale_shift", "swish"])
+def test_check_layer_checks_at_random_params(make):
+    """A slip that init's params hide (a scale of 1) fails at the random params, in both
+    dtypes, with the wrong leaf named; the correct layer passes."""
+    assert jbp.check_layer(make(), (3,)).ok
+    report = jbp.check_layer(make(slip=True), (3,))
+    assert [c.name for c in report.failures] == ["float64 random params: backward vs jax.vjp",
+                                                 "float32 random params: backward vs jax.vjp"]
+    for check in report.failures:
+        assert check.comparison.first_disagreement.path == "['dx']"
+        assert "['dx']" in str(report)
+    # params= from the user: at s = 2 every case sees the slip (the batch of one too)
+    params = {"s": jnp.full((3,), 2.0), "t": jnp.zeros(3)}
+    if make is _scale_shift:
+        failed = jbp.check_layer(make(slip=True), (3,), params=params).failures
+        assert len(failed) == 10 and all("backward vs jax.vjp" in c.name for c in failed)
+        wrong = jbp.check_layer(make(), (3,), params={"s": jnp.ones(4), "t": jnp.zeros(4)})
+        assert [c.name for c in wrong.failures] == ["float64: the given params"]
+        assert "params['s'] has shape (4,), expected (3,)" in str(wrong)
+
+
+def test_check_layer_reports_a_backward_that_calls_autodiff():
+    """The protocol forbids autodiff in a backward; a correct gradient taken by jax.vjp or by
+    jax.linear_transpose passes every comparison, and fails this check, in both dtypes."""
+
+    def forward(params, x, *, key=None, train=False):
+        return x * params["s"], x
+
+    def by_vjp(params, x, dy):
+        return jax.vjp(lambda p, x_: forward(p, x_)[0], params, x)[1](dy)
+
+    def by_transpose(params, x, dy):
+        dx = jax.linear_transpose(lambda x_: x_ * params["s"], x)(dy)[0]
+        return {"s": jnp.sum(x * dy, axis=0)}, dx
+
+    for backward, what in ((by_vjp, "a linearization"), (by_transpose, "a transposition")):
+        layer = jbp.Layer("s", lambda k, s: (s, {"s": jnp.ones(s)}), forward, backward)
+        report = jbp.check_layer(layer, (3,))
+        assert [c.name for c in report.failures] == ["float64: backward without autodiff",
+                                                     "float32: backward without autodiff"]
+        assert what in report.failures[0].detail
+
+
+def test_compare_grads_judges_a_zero_gradient_leaf_against_the_whole_gradient():
+    """Rounding noise in a leaf whose exact gradient is 0 passes; an error of 1e-3 there, or
+    of 1e-4 relative in an ordinary leaf, fails (float32's rtol 1e-5)."""
+    rng = np.random.default_rng(0)
+    ref = {"W": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4)}
+    noise = {"W": ref["W"] * (1 + 1e-7), "b": jnp.asarray([1e-8, -1e-8, 3e-9, 0], jnp.float32)}
+    got = jbp.compare_grads(noise, ref)
+    assert got.ok and got.leaves[1].floored and "*" in str(got)
+    assert not jbp.compare_grads({**noise, "b": noise["b"] + 1e-3}, ref).ok
+    assert not jbp.compare_grads({**noise, "W": ref["W"] * (1 + 1e-4)}, ref).ok
+    assert not jbp.compare_grads({**noise, "b": noise["b"].at[0].set(jnp.nan)}, ref).ok
+
+
+def test_check_layer_a_zero_gradient_leaf_passes_and_an_error_in_it_fails():
+    """The conv bias right before batch_norm (training mode) has a zero gradient, rounding
+    noise in both paths; check_layer passes it and fails a backward 1e-3 off there."""
+    conv = jbp.conv(4, 3)
+
+    def off(params, a, delta):
+        grads, da = conv.backward(params, a, delta)
+        return {**grads, "b": grads["b"] + 1e-3}, da
+
+    assert jbp.check_layer(jbp.serial(conv, jbp.batch_norm()), (8, 2), train=True).ok
+    report = jbp.check_layer(jbp.serial(conv.replace(backward=off), jbp.batch_norm()), (8, 2),
+                             train=True)
+    # every float64 case; in float32 at least the random ones (at zeros the batch statistics
+    # divide by √eps, and float32's own noise in that leaf nears 1e-4 of the floor)
+    failed = {c.name.split(":")[0] for c in report.failures}
+    assert failed >= {"float64 random", "float64 zeros", "float64 large", "float64 random params",
+                      "float32 random", "float32 random params"}
+    assert all(c.comparison.first_disagreement.path == "['dparams'][0]['b']"
+               for c in report.failures)
+    # what users write before a batch norm: no bias at all
+    for layer in (jbp.dense(4, use_bias=False), jbp.conv(4, 3, use_bias=False)):
+        shape = (8, 2) if layer.name.startswith("conv") else (2,)
+        _, params = layer.init(jax.random.key(0), shape)
+        assert set(params) == {"W"}
+        assert jbp.check_layer(jbp.serial(layer, jbp.batch_norm()), shape, train=True).ok
+        assert jbp.check_layer(layer, shape).ok
+
+
+def test_ordinary_calls_give_no_jax_warning_and_an_impossible_dtype_is_an_error():
+    """NumPy float64 input with float32 params (the default of np.random) runs without JAX's
+    "requested dtype float64 ... truncated" warning through apply and both gradients; a
+    float64 model without x64 is an error that says how to enable it, not silent float32."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    models = [(jbp.serial(jbp.conv(3, 3), jbp.gelu(), jbp.max_pool(2), jbp.flatten(),
+                          jbp.dense(4), jbp.elu(), jbp.maxout(2), jbp.softplus()), (8, 2)),
+              (jbp.serial(jbp.attention(2, 2), jbp.gru(3)), (5, 2))]
+    for model, shape in models:
+        out, params = model.init(jax.random.key(0), shape)
+        x, y = rng.normal(size=(2, *shape)), rng.normal(size=(2, *out))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.apply(params, x)
+            for grad in (jbp.manual_value_and_grad, jbp.autodiff_value_and_grad):
+                grad(model, MSE)(params, x, y)
+    with pytest.raises(ValueError, match=r"dense\(3\): dtype float64 needs JAX's 64-bit mode.*"
+                                         r"jax.config.update\('jax_enable_x64', True\)"):
+        jbp.dense(3, dtype=jnp.float64).init(jax.random.key(0), (4,))
+    with jax.enable_x64(True):
+        assert jbp.dense(3, dtype=jnp.float64).init(jax.random.key(0), (4,))[1]["W"].dtype == \
+            jnp.float64
