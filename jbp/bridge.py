@@ -5,7 +5,10 @@
 layers' caches, plus ``params``), its backward rule is ``model.backward``. So plain
 ``jax.grad``, ``jax.jit``, ``jax.vmap`` and any optax loop run the manual backward, and
 ``jax.test_util.check_grads(apply, ..., modes=["rev"])`` checks it from outside. Second
-derivatives (``order=2``) differentiate the backward itself, which is ``jax.numpy``.
+derivatives (``order=2``, ``jax.hessian``: forward over reverse) differentiate the backward
+itself, which is ``jax.numpy``. Forward mode of ``apply`` itself (``jax.jvp``,
+``jax.jacfwd``) is not defined, as for every ``custom_vjp`` function; the error says so and
+what to use instead (reverse mode, ``jax.hessian``, ``jbp.hvp``).
 
 Residuals of a ``custom_vjp`` must be arrays, but some caches hold static Python data
 (flatten keeps the input's shape, evaluation-mode dropout keeps ``None``). Non-array leaves
@@ -114,7 +117,17 @@ def as_custom_vjp(model: Layer):
 
     def apply(params, x, *, key=None, train=False, state=None):
         check_state(model, state)
-        return rules[bool(train)](params, x, key, *([state] if model.stateful else []))
+        try:
+            return rules[bool(train)](params, x, key, *([state] if model.stateful else []))
+        except TypeError as err:
+            if "forward-mode" not in str(err):
+                raise
+            raise TypeError(f"{who}: forward-mode autodiff (jax.jvp, jax.jacfwd) "
+                            f"of this function is not defined: its derivative is the "
+                            f"hand-written backward, a reverse-mode rule. Use reverse mode "
+                            f"(jax.grad, jax.vjp, jax.jacrev); for second derivatives "
+                            f"jax.hessian (forward over reverse) or jbp.hvp(model, loss) "
+                            f"work") from None
 
     apply.fwd = fwd
     apply.bwd = bwd

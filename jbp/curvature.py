@@ -19,7 +19,10 @@ the batch cost weighs example i by w_i/Σw (1/B by default), so its factor is sc
 
 - mean squared error: ∂²ℓ_i = (2/N) I, S_k = √(2/N) e_k;
 - softmax cross-entropy (logits (B, C)): ∂²ℓ_i = σ(diag p − p pᵀ) with σ = Σ_j y_ij (1 for
-  labels, 0 for a padding label), S_k = √(σ p_k) (e_k − p);
+  labels, 0 for a padding label), S_k = √(σ p_k) (e_k − p); for logits (B, T, C), the output
+  of a sequence model, ℓ_i is the mean over the n_i positions that count, its Hessian is
+  block diagonal over positions, and column (t, k) is √(σ_t p_tk / n_i) (e_k − p_t) at
+  position t and zero elsewhere: T·C backward passes;
 - sigmoid binary cross-entropy: ∂²ℓ_i = diag(s(1 − s))/N, S_k = √(s_k(1 − s_k)/N) e_k.
 """
 
@@ -87,17 +90,22 @@ def _bce_factor(logits, target):
 
 
 def _softmax_ce_factor(logits, target):
-    if logits.ndim != 2:
-        raise ValueError(f"ggn_diagonal(softmax_cross_entropy): supports logits of shape "
-                         f"(batch, classes), got {tuple(logits.shape)}")
-    y, _ = losses._targets(logits, target)
+    y, count = losses._targets(logits, target)
     p = jax.nn.softmax(logits, axis=-1)
-    k = logits.shape[1]
-    sigma = jnp.sum(y, axis=-1, keepdims=True)  # 1 for labels, 0 for padding
-    scale = jnp.sqrt(sigma * p)  # (B, K)
-    eye = jnp.eye(k, dtype=logits.dtype)
-    # S[k, i, :] = scale[i, k] (e_k − p_i)
-    return scale.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
+    batch, k = logits.shape[0], logits.shape[-1]
+    positions = math.prod(logits.shape[1:-1])  # T for (B, T, C) logits, 1 for (B, C)
+    # ℓ_i is the mean over the positions that count: position t's block is σ_it/count_i ·
+    # (diag p − p pᵀ), with σ_it 1 for a label and 0 for padding
+    sigma = jnp.sum(y, axis=-1) / jnp.where(count > 0, count, 1).reshape(
+        (batch,) + (1,) * (logits.ndim - 2))
+    p3 = p.reshape(batch, positions, k)
+    scale = jnp.sqrt(sigma.reshape(batch, positions, 1) * p3)  # (B, T, K)
+    eye_k, eye_t = jnp.eye(k, dtype=logits.dtype), jnp.eye(positions, dtype=logits.dtype)
+    # column (t, k): S[(t, k), i, t', :] = δ_tt' scale[i, t, k] (e_k − p_it)
+    core = (jnp.transpose(scale, (1, 2, 0))[..., None]
+            * (eye_k[None, :, None, :] - jnp.transpose(p3, (1, 0, 2))[:, None]))  # (T, K, B, K)
+    s = eye_t[:, None, None, :, None] * core[:, :, :, None, :]  # (T, K, B, T, K)
+    return s.reshape((positions * k,) + logits.shape)
 
 
 HESSIAN_FACTORS = {

@@ -49,10 +49,12 @@ Layer is a pytree without leaves) and print as the call that built them.
 import dataclasses
 import functools
 import inspect
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Shape = tuple[int, ...]
@@ -213,9 +215,12 @@ def check_state(layer: Layer, state) -> None:
 
 def run(layer: Layer, params, x, *, key=None, train=False, state=None):
     """Any layer's forward as ``(y, cache, new_state)``; a layer without state gives back
-    the ``state`` it got (None or ``{}``)."""
+    the ``state`` it got (None or ``{}``). A NumPy input becomes a JAX array first (NumPy's
+    float64 is then JAX's default float, not a dtype that layers would ask for by name)."""
     check_train(train, layer.name)
     check_state(layer, state)
+    if isinstance(x, np.ndarray):
+        x = jnp.asarray(x)
     if not layer.stateful:
         y, cache = layer.forward(params, x, key=key, train=train)
         return y, cache, state
@@ -288,6 +293,8 @@ class _ById:
 
 
 def _freeze(value):
+    if isinstance(value, np.generic):  # np.int64(8) builds what 8 builds
+        return value.item()
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, dict):
@@ -302,6 +309,10 @@ def _freeze(value):
 def _show(value) -> str:
     if isinstance(value, type) and hasattr(value, "dtype"):  # jnp.float32 and friends
         return jnp.dtype(value).name
+    if isinstance(value, np.generic):  # np.int64(8) shows as 8, as it builds the same layer
+        return repr(value.item())
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
     if callable(value) and hasattr(value, "__name__") and not isinstance(value, Layer):
         return value.__name__
     return repr(value)
@@ -344,6 +355,7 @@ def constructor(fn: Callable) -> Callable:
 
 
 def _same(a, b) -> bool:
+    a = a.item() if isinstance(a, np.generic) else a
     try:
         return bool(a == b) and type(a) is type(b)
     except Exception:
@@ -352,16 +364,57 @@ def _same(a, b) -> bool:
 
 # ---------------------------------------------------------------------------- checks
 
-def as_shape(in_shape, who: str) -> Shape:
-    """``in_shape`` as a tuple of positive ints, or a ValueError that names ``who``."""
+def as_integer(value):
+    """``value`` as a Python int if it is of an integer type (int, np.int64, a 0-d integer
+    array; not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
     try:
-        shape = tuple(int(d) for d in in_shape)
+        return operator.index(value)
     except TypeError:
+        return None
+
+
+def positive_int(value, what: str, who: str) -> int:
+    """``value`` as a Python int ≥ 1 (any integer type: ``8``, ``np.int64(8)``), or a
+    ValueError that names ``who`` and ``what``."""
+    n = as_integer(value)
+    if n is None or n <= 0:
+        raise ValueError(f"{who}: {what} must be a positive int, got {value!r}")
+    return n
+
+
+def as_shape(in_shape, who: str) -> Shape:
+    """``in_shape`` as a tuple of positive Python ints (each of any integer type), or an error
+    that names ``who``: a float (``8.7``), a bool or a string is refused, not coerced."""
+    if isinstance(in_shape, (str, bytes)) or not hasattr(in_shape, "__iter__"):
         raise TypeError(f"{who}: in_shape must be a tuple of ints (per example, no batch "
-                        f"dimension), got {in_shape!r}") from None
+                        f"dimension), got {in_shape!r}")
+    dims = tuple(in_shape)
+    shape = tuple(as_integer(d) for d in dims)
+    if any(d is None for d in shape):
+        raise TypeError(f"{who}: in_shape must be a tuple of ints (per example, no batch "
+                        f"dimension), got {in_shape!r}")
     if any(d <= 0 for d in shape):
         raise ValueError(f"{who}: in_shape must hold positive sizes, got {shape}")
     return shape
+
+
+def param_dtype(dtype, who: str):
+    """``dtype`` as a NumPy dtype for params, or an error where JAX would silently truncate it:
+    a 64-bit type needs ``jax_enable_x64``."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{who}: dtype must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{who}: dtype must be a floating dtype, got {dt.name}")
+    if dt.itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(f"{who}: dtype {dt.name} needs JAX's 64-bit mode, which is off (JAX "
+                         f"would silently give float32): call jax.config.update("
+                         f"'jax_enable_x64', True) or set JAX_ENABLE_X64=1 before building "
+                         f"the params, or use jax.enable_x64(True) as a context")
+    return dt
 
 
 def check_array(x, who: str) -> None:
@@ -378,10 +431,14 @@ def check_empty_params(params: Params, who: str) -> None:
 
 
 def check_train(train, who: str) -> None:
-    """Raise a TypeError unless ``train`` is a Python bool (it decides the traced program)."""
+    """Raise a TypeError unless ``train`` is a Python bool (it decides the traced program; a
+    string such as ``"False"`` would be truthy)."""
     if isinstance(train, jax.core.Tracer):
         raise TypeError(f"{who}: train must be a Python bool, got a traced value; under "
                         f"jax.jit mark it static (static_argnames='train')")
+    if not isinstance(train, bool):
+        raise TypeError(f"{who}: train must be a Python bool (True or False), got "
+                        f"{type(train).__name__} {train!r}")
 
 
 def cast_like(g, like):

@@ -221,8 +221,8 @@ def test_bad_input_gets_a_clear_error():
         jbp.manual_value_and_grad(jbp.mlp([2, 3]), CE)(params, x, y, state=state)
     with pytest.raises(TypeError, match="keeps state"):
         jbp.fit(model, CE, params, _data(), key=jax.random.key(0), progress=False)
-    with pytest.raises(ValueError, match="batch of more than one example"):
-        manual(params, x[:1], y[:1], train=True, state=state)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        manual(params, x[:1, :1], y[:1], train=True, state=state)
     with pytest.raises(TypeError, match=r"train must be a Python bool, got a traced value; "
                                         r"under jax.jit mark it static"):
         jax.jit(manual)(params, x, y, train=True, state=state)  # train traced, not static
@@ -270,3 +270,37 @@ def test_optax_loop_by_hand():
         params = optax.apply_updates(params, updates)
         losses.append(float(value))
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------- edges
+
+def test_integer_images_are_normalised_in_floats():
+    """Raw uint8 input in evaluation mode gives what its float32 copy gives (it was cast to the
+    integer dtype: [0, 5, 0, ...]), and in training mode too."""
+    bn = jbp.batch_norm()
+    params = {"scale": jnp.asarray([1.5, 2.0]), "offset": jnp.asarray([0.5, -1.0])}
+    state = {"mean": jnp.asarray([100.0, 30.5]), "var": jnp.asarray([400.0, 90.0])}
+    pixels = np.asarray([[120, 3], [255, 70], [0, 17]], np.uint8)
+    for train in (False, True):
+        got, _ = bn.apply(params, jnp.asarray(pixels), train=train, state=state)
+        want, _ = bn.apply(params, jnp.asarray(pixels, jnp.float32), train=train, state=state)
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want)
+
+
+def test_training_mode_counts_values_per_channel_not_examples():
+    """One example of 5 positions has 5 values per channel: accepted, and its gradient is
+    jax.grad's; one value per channel, or an empty batch (whose NaN statistics would poison
+    the running state), is refused, naming the layer."""
+    bn = jbp.batch_norm()
+    params, state = bn.init(None, (5, 3))[1], bn.init_state((5, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 3)), jnp.float32)
+    y = jnp.zeros((1, 5, 3))
+    manual, auto = (grad(bn, jbp.losses.mean_squared_error)(params, x, y, train=True,
+                                                            state=state)[1]
+                    for grad in (jbp.manual_value_and_grad, jbp.autodiff_value_and_grad))
+    assert rel_err(manual, auto) <= 1e-5
+    for shape in ((1, 1, 3), (1, 3), (0, 3), (0, 4, 3)):
+        with pytest.raises(ValueError, match=r"batch_norm: training mode needs more than one "
+                                             r"value per channel .*got input of shape"):
+            bn.apply(params, jnp.ones(shape), train=True, state=state)

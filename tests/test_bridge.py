@@ -117,3 +117,16 @@ def test_a_backward_with_wrong_shapes_is_caught():
 def test_not_a_layer():
     with pytest.raises(TypeError, match="model must be a jbp Layer"):
         jbp.as_custom_vjp(lambda p, x: x)
+
+
+def test_forward_mode_of_the_bridge_names_the_bridge_and_what_works():
+    """jax.jvp / jax.jacfwd of a custom_vjp function are undefined; the error says which
+    model, and that reverse mode, jax.hessian and jbp.hvp work (and they do)."""
+    model = jbp.mlp([3, 4, 2], activation="tanh")
+    _, params = model.init(jax.random.key(0), (3,))
+    apply, x = jbp.as_custom_vjp(model), jnp.ones((2, 3))
+    for forward_mode in (lambda f: jax.jvp(f, (x,), (x,)), lambda f: jax.jacfwd(f)(x)):
+        with pytest.raises(TypeError, match=r"as_custom_vjp\(mlp\(\[3, 4, 2\], tanh\)\): "
+                                            r"forward-mode autodiff .* jax.hessian .* jbp.hvp"):
+            forward_mode(lambda x_: apply(params, x_))
+    assert jax.hessian(lambda x_: jnp.sum(apply(params, x_) ** 2))(x).shape == (2, 3, 2, 3)

@@ -577,3 +577,37 @@ def test_second_order_through_the_hand_written_backward():
 
         hv, exact = both(params, v)
     assert rel_err(hv, exact) <= 1e-12
+
+
+def test_gram_path_norms_are_never_negative_and_as_accurate_as_vmap_grad():
+    """conv(16, 1, VALID) on 2 positions whose contributions nearly cancel (x₂ ≈ x₁, δ₂ ≈ −δ₁,
+    so ∂ℓ_i/∂W = x₁δ₁ᵀ + x₂δ₂ᵀ is ~1e-4 of its terms): the Gram sum alone cancels to noise,
+    negative for some examples (NaN norms, a NaN clipped mean). The norms must be finite and
+    as close to float64 as vmap(grad)'s float32 norms."""
+    rng = np.random.default_rng(0)
+    layer, mse = jbp.conv(16, 1, padding="VALID"), jbp.losses.mean_squared_error
+    _, params = layer.init(jax.random.key(0), (2, 8))
+    x = rng.normal(size=(32, 2, 8))
+    x[:, 1] = x[:, 0] * (1 + 1e-4 * rng.normal(size=(32, 8)))
+    y = np.asarray(layer.apply(params, jnp.asarray(x, jnp.float32)), np.float64)
+    r = rng.normal(size=(32, 16))
+    y[:, 0] -= r
+    y[:, 1] += r * (1 + 1e-4 * rng.normal(size=(32, 16)))  # residuals, so δ, nearly cancel
+    x32, y32 = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    geo = convmod.window((2,), (1,), (1,), (1,), "VALID", "conv")
+    assert convmod.gram_is_cheaper(geo, 8, 16, 1)
+    got = np.asarray(jax.jit(jbp.per_example_grad_norms(layer, mse))(params, x32, y32), np.float64)
+
+    def norm_by_grad(xi, yi):
+        g = jax.grad(lambda p: mse.value(layer.apply(p, xi[None]), yi[None]))(params)
+        return jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(g)))
+
+    by_vmap = np.asarray(jax.jit(jax.vmap(norm_by_grad))(x32, y32), np.float64)
+    with jax.enable_x64(True):
+        up = lambda t: cast(t, jnp.float64)  # noqa: E731
+        exact = np.asarray(jbp.per_example_grad_norms(layer, mse)(up(params), up(x32), up(y32)))
+    assert np.all(np.isfinite(got))
+    err, vmap_err = np.abs(got - exact) / exact, np.abs(by_vmap - exact) / exact
+    assert np.max(err) <= 2 * np.max(vmap_err) + 1e-6, (np.max(err), np.max(vmap_err))
+    clipped, _ = jbp.clipped_grad_mean(layer, mse, 1.0)(params, x32, y32)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(clipped))

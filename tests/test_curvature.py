@@ -100,3 +100,25 @@ def test_errors():
         hvp(params, x, y, wrong)
     with pytest.raises(TypeError, match="model must be a jbp Layer"):
         jbp.hvp(None, L.mean_squared_error)
+
+
+def test_ggn_diagonal_of_a_sequence_model_with_logits_per_position():
+    """(B, T, C) logits, the output of every sequence model, with padding labels: each
+    example's loss is the mean over its positions that count, its Hessian block diagonal over
+    positions (T·C backward passes); equal to diag(Jᵀ H J) from JAX's Jacobian and Hessian."""
+    with jax.enable_x64(True):
+        model = jbp.serial(jbp.embedding(5, 3, dtype=jnp.float64), jbp.gru(4, dtype=jnp.float64),
+                           jbp.dense(3, dtype=jnp.float64))
+        _, params = model.init(jax.random.key(0), (4,))
+        rng = np.random.default_rng(0)
+        ids = jnp.asarray(rng.integers(0, 5, (3, 4)), jnp.int32)
+        y = jnp.asarray([[0, 2, 1, 1], [2, 0, jbp.IGNORE_LABEL, jbp.IGNORE_LABEL],
+                         [jbp.IGNORE_LABEL] * 4])  # the last example counts nothing
+        loss = L.softmax_cross_entropy
+        got, want = jax.jit(lambda p: (jbp.ggn_diagonal(model, loss)(p, ids, y),
+                                       reference_ggn_diagonal(model, loss, p, ids, y, {})))(params)
+        assert rel_err(got, want) <= 1e-12
+        one_hot = jax.nn.one_hot(jnp.maximum(y[:2], 0), 3, dtype=jnp.float64)
+        soft = jbp.ggn_diagonal(model, loss)(params, ids[:2], one_hot)  # probability targets
+        assert rel_err(soft, reference_ggn_diagonal(model, loss, params, ids[:2], one_hot, {})) \
+            <= 1e-12

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jbp
@@ -147,3 +148,47 @@ def test_finite_differences_need_float64(net):
     with jax.enable_x64(False):
         with pytest.raises(ValueError, match="needs float64"):
             jbp.numerical_value_and_grad(model, CE)(params, jnp.ones((2, 4)), jnp.array([0, 1]))
+
+
+def test_train_must_be_a_python_bool(net):
+    """train="False" is truthy: it would run training mode (dropout, batch statistics)."""
+    model, params = net
+    for bad in ("False", 0, None):
+        with pytest.raises(TypeError, match=r"mlp\(\[4, 8, 3\], relu\): train must be a Python "
+                                            r"bool \(True or False\), got"):
+            model.apply(params, jnp.ones((2, 4)), train=bad)
+    with pytest.raises(TypeError, match="dropout.*train must be a Python bool"):
+        jbp.manual_value_and_grad(jbp.serial(jbp.dense(3), jbp.dropout(0.5)), CE)(
+            jbp.serial(jbp.dense(3), jbp.dropout(0.5)).init(jax.random.key(0), (4,))[1],
+            jnp.ones((2, 4)), jnp.zeros(2, jnp.int32), key=jax.random.key(1), train="yes")
+
+
+@pytest.mark.parametrize("bad", [(8.7, 2), "82", (True, 2), (8, 2.0), b"\x08\x02"])
+def test_in_shape_is_not_coerced(bad):
+    for layer, who in ((jbp.conv(3, 2), r"conv\(3, 2\)"),
+                       (jbp.serial(jbp.conv(3, 2), jbp.relu()), "serial")):
+        with pytest.raises(TypeError, match=who + ": in_shape must be a tuple of ints"):
+            layer.init(jax.random.key(0), bad)
+
+
+def test_every_integer_type_is_a_size():
+    """np.int64 (what NumPy arithmetic gives) builds the same layer as int, everywhere."""
+    i = np.int64
+    built = [(jbp.dense(i(8)), jbp.dense(8)), (jbp.attention(i(2), i(4)), jbp.attention(2, 4)),
+             (jbp.positional_embedding(i(8)), jbp.positional_embedding(8)),
+             (jbp.transformer_block(i(2), i(2), i(8)), jbp.transformer_block(2, 2, 8)),
+             (jbp.mlp([i(4), i(3)]), jbp.mlp([4, 3])), (jbp.conv(i(3), i(2)), jbp.conv(3, 2)),
+             (jbp.embedding(i(5), i(2)), jbp.embedding(5, 2)), (jbp.maxout(i(2)), jbp.maxout(2)),
+             (jbp.max_pool(i(2)), jbp.max_pool(2))]
+    built += [(make(i(3)), make(3)) for make in (jbp.rnn, jbp.gru, jbp.lstm)]
+    for got, want in built:
+        assert got == want and repr(got) == repr(want)
+    shapes = {"dense": (4,), "mlp": (4,), "maxout": (4,), "embedding": (3,)}
+    for got, want in built:
+        shape = next((s for k, s in shapes.items() if repr(got).startswith(k)), (8, 4))
+        assert got.init(jax.random.key(0), (i(shape[0]), *shape[1:]))[0] == \
+            want.init(jax.random.key(0), shape)[0]
+    with pytest.raises(ValueError, match="dense: out_features must be a positive int, got 2.0"):
+        jbp.dense(2.0)
+    with pytest.raises(ValueError, match="lstm: hidden must be a positive int, got True"):
+        jbp.lstm(True)

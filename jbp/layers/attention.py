@@ -85,7 +85,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp.layer import Layer, PerExampleRule, as_shape, cast_like, check_array, constructor
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+                       param_dtype, positive_int)
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -224,11 +225,6 @@ def _rule(causal: bool, block: int) -> PerExampleRule:
     return PerExampleRule(grads)
 
 
-def _positive_int(value, name: str, who: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
-
-
 @constructor
 def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: int = 128,
               dtype=jnp.float32) -> Layer:
@@ -244,8 +240,8 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
     Cache: :class:`Cache`. Per example: :func:`_rule`.
     """
     who = "attention"
-    for name, value in (("heads", heads), ("head_dim", head_dim), ("block_size", block_size)):
-        _positive_int(value, name, who)
+    heads, head_dim, block_size = (positive_int(value, name, who) for name, value in (
+        ("heads", heads), ("head_dim", head_dim), ("block_size", block_size)))
     if not isinstance(causal, bool):
         raise ValueError(f"{who}: causal must be a bool, got {causal!r}")
     width = heads * head_dim
@@ -255,13 +251,13 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         shape = as_shape(in_shape, who)
         if len(shape) != 2:
             raise ValueError(f"{who}: expects a per-example shape (T, d_model), got {shape}")
-        d = shape[1]
+        d, dt = shape[1], param_dtype(dtype, who)
         params = {}
         for name, k in zip(PROJECTIONS, jax.random.split(key, 4)):
             n_in, n_out = (width, d) if name == "o" else (d, width)
-            params[name] = {"W": jax.random.normal(k, (n_in, n_out), dtype) / math.sqrt(n_in)}
+            params[name] = {"W": jax.random.normal(k, (n_in, n_out), dt) / math.sqrt(n_in)}
             if name != "k":
-                params[name]["b"] = jnp.zeros((n_out,), dtype)
+                params[name]["b"] = jnp.zeros((n_out,), dt)
         return shape, params
 
     def check_params(params):

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.layer import Layer, PerExampleRule, as_shape, check_array, constructor
+from jbp.layer import (Layer, PerExampleRule, as_shape, check_array, constructor, param_dtype,
+                       positive_int)
 
 
 def _valid(ids, vocab_size):
@@ -75,10 +76,6 @@ def _rule(vocab_size):
     return PerExampleRule(grads, sq_norms, sum_sq)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 @constructor
 def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
     """A table of ``vocab_size`` learnable vectors of size ``dim``, looked up by id.
@@ -92,14 +89,13 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
     ``y (B, ..., dim)``; backward ``dy (B, ..., dim) -> ({"E": (vocab_size, dim)}, float0
     zeros of ids' shape)``.
     """
-    for name, value in (("vocab_size", vocab_size), ("dim", dim)):
-        if not _is_int(value) or value <= 0:
-            raise ValueError(f"embedding: {name} must be a positive int, got {value!r}")
+    vocab_size = positive_int(vocab_size, "vocab_size", "embedding")
+    dim = positive_int(dim, "dim", "embedding")
     who = f"embedding({vocab_size}, {dim})"
 
     def init(key, in_shape):
         shape = as_shape(in_shape, who)
-        return shape + (dim,), {"E": jax.random.normal(key, (vocab_size, dim), dtype)}
+        return shape + (dim,), {"E": jax.random.normal(key, (vocab_size, dim), param_dtype(dtype, who))}
 
     def check_params(params):
         if not isinstance(params, dict) or set(params) != {"E"}:

@@ -9,14 +9,14 @@ Shapes: ``z (..., k·m) -> a (..., m)``; cache ``z``.
 
 import jax.numpy as jnp
 
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor
+from jbp.layer import (EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor,
+                       positive_int)
 
 
 @constructor
 def maxout(k: int = 2) -> Layer:
     """Maxout over groups of ``k`` consecutive features of the last axis."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"maxout: k (the group size) must be a positive int, got {k!r}")
+    k = positive_int(k, "k (the group size)", "maxout")
     who = f"maxout({k})"
 
     def check_width(n):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, check_train,
-                       constructor, per_example_rows)
+                       constructor, param_dtype, per_example_rows)
 
 
 def _grads(cache, delta):
@@ -70,8 +70,8 @@ def _scale_and_offset(who: str, dtype):
         shape = as_shape(in_shape, who)
         if not shape:
             raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
-        n = shape[-1]
-        return shape, {"scale": jnp.ones((n,), dtype), "offset": jnp.zeros((n,), dtype)}
+        n, dt = shape[-1], param_dtype(dtype, who)
+        return shape, {"scale": jnp.ones((n,), dt), "offset": jnp.zeros((n,), dt)}
 
     return init
 
@@ -218,8 +218,9 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
       dtype: of the params and the state.
 
     Params ``{"scale": (C,), "offset": (C,)}``; state ``{"mean": (C,), "var": (C,)}`` (zeros and
-    ones, from ``init_state``). Training mode needs more than one example (batch statistics of
-    one example would normalise it by itself).
+    ones, from ``init_state``). Training mode needs more than one value per channel (batch ×
+    positions > 1: one example of several positions is enough). An integer input (raw uint8
+    images) is normalised in the params' floating dtype.
     """
     if (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
             or not 0 <= momentum <= 1):
@@ -230,8 +231,8 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
     init = _scale_and_offset(who, dtype)
 
     def init_state(in_shape):
-        n = as_shape(in_shape, who)[-1]
-        return {"mean": jnp.zeros((n,), dtype), "var": jnp.ones((n,), dtype)}
+        n, dt = as_shape(in_shape, who)[-1], param_dtype(dtype, who)
+        return {"mean": jnp.zeros((n,), dt), "var": jnp.ones((n,), dt)}
 
     def check_state(state, n):
         if (not isinstance(state, dict) or set(state) != {"mean", "var"}
@@ -251,14 +252,18 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
                              f"the params have {n} channels), got {tuple(x.shape)}")
         check_state(state, n)
         axes = tuple(range(x.ndim - 1))
+        if not jnp.issubdtype(x.dtype, jnp.inexact):  # raw integer images: compute in floats
+            x = x.astype(jnp.result_type(float, params["scale"].dtype))
         if not train:
             r = jax.lax.rsqrt(state["var"] + eps).astype(x.dtype)
             x_hat = (x - state["mean"].astype(x.dtype)) * r
             return params["scale"] * x_hat + params["offset"], RunningStats(x_hat, r), state
-        if x.shape[0] == 1:
-            raise ValueError(f"{who}: training mode needs a batch of more than one example "
-                             f"(the batch statistics of one example normalise it by itself), "
-                             f"got input of shape {tuple(x.shape)}")
+        values = math.prod(x.shape[:-1])
+        if values <= 1:
+            raise ValueError(f"{who}: training mode needs more than one value per channel "
+                             f"(batch × positions; the statistics of one value normalise it to "
+                             f"zero, of none are undefined), got input of shape "
+                             f"{tuple(x.shape)}")
         mu = jnp.mean(x, axis=axes)
         d = x - mu
         var = jnp.mean(d * d, axis=axes)

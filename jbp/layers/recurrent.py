@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp.layer import Layer, PerExampleRule, as_shape, cast_like, check_array, constructor
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+                       param_dtype, positive_int)
 from jbp.layers.branches import parallel
 from jbp.layers.recurrent_cells import CELLS, Cell
 
@@ -196,16 +197,18 @@ def _recurrent(opts: _Options) -> Layer:
         shape = as_shape(in_shape, who)
         if len(shape) != 2:
             raise ValueError(f"{who}: expects a per-example shape (time, features), got {shape}")
-        F, G = shape[1], cell.gates
+        F, G, dt = shape[1], cell.gates, param_dtype(dtype, who)
         k_x, k_h = jax.random.split(key)
+        # orthogonal W_h, one per gate: a QR, which needs float32 or float64 (not bfloat16)
         orthogonal = jax.nn.initializers.orthogonal()
-        params = {"W_x": jax.random.normal(k_x, (F, G * H), dtype) / F**0.5,  # as dense
-                  "W_h": jnp.concatenate([orthogonal(k, (H, H), dtype)  # one per gate
-                                          for k in jax.random.split(k_h, G)], axis=1),
-                  "b": jnp.zeros((G * H,), dtype)}
+        qr_dtype = jnp.promote_types(dt, jnp.float32)
+        W_h = jnp.concatenate([orthogonal(k, (H, H), qr_dtype) for k in jax.random.split(k_h, G)],
+                              axis=1)
+        params = {"W_x": jax.random.normal(k_x, (F, G * H), dt) / F**0.5,  # as dense
+                  "W_h": W_h.astype(dt), "b": jnp.zeros((G * H,), dt)}
         if cell.kind == "lstm":
             params["b"] = params["b"].at[H:2 * H].set(1)  # forget gate open
-        params.update({k: jnp.zeros((H,), dtype) for k in names[3:]})
+        params.update({k: jnp.zeros((H,), dt) for k in names[3:]})
         return ((shape[0], H) if opts.return_sequences else (H,)), params
 
     def check_params(params):
@@ -235,8 +238,7 @@ def _recurrent(opts: _Options) -> Layer:
 
 
 def _build(kind, make, hidden, initial_state, reverse, return_sequences, dtype) -> Layer:
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
-        raise ValueError(f"{kind}: hidden must be a positive int, got {hidden!r}")
+    hidden = positive_int(hidden, "hidden", kind)
     if initial_state not in INITIAL_STATES:
         raise ValueError(f"{kind}: initial_state must be one of {INITIAL_STATES}, got "
                          f"{initial_state!r}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jbp.layers import activations
 from jbp.layers.dense import dense
 from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
-                       constructor, out_shape, run)
+                       as_integer, constructor, out_shape, run)
 
 
 @contextlib.contextmanager
@@ -123,9 +123,9 @@ def mlp(sizes: Sequence[int], activation="relu", *, gain: float | None = None,
     if not isinstance(sizes, list) or len(sizes) < 2:
         raise ValueError(f"mlp: sizes must list the input size and at least one layer size, "
                          f"e.g. [40, 100, 10]; got {sizes!r}")
-    for s in sizes:
-        if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
-            raise ValueError(f"mlp: every size must be a positive int, got {sizes!r}")
+    if any(as_integer(s) is None or s <= 0 for s in sizes):
+        raise ValueError(f"mlp: every size must be a positive int, got {sizes!r}")
+    sizes = [as_integer(s) for s in sizes]
     act = activations.get(activation)
     gain = init_gain(act) if gain is None else gain
     layers = []

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, check_array,
-                       check_empty_params, constructor)
+                       check_empty_params, constructor, param_dtype, positive_int)
 from jbp.layers.activations import gelu
 from jbp.layers.attention import attention
 from jbp.layers.branches import residual
@@ -58,8 +58,7 @@ def positional_embedding(max_len: int, kind: str = "learned", *, dtype=jnp.float
     ``kind="learned"``: params ``{"P": (max_len, d)}`` ~ N(0, 0.02²); cache None; per example
     ∂ℓ_i/∂P = δ_i padded to ``max_len`` rows. ``kind="sinusoidal"``: params ``{}``.
     """
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
-        raise ValueError(f"positional_embedding: max_len must be a positive int, got {max_len!r}")
+    max_len = positive_int(max_len, "max_len", "positional_embedding")
     if kind not in KINDS:
         raise ValueError(f"positional_embedding: kind must be one of {KINDS}, got {kind!r}")
     learned = kind == "learned"
@@ -82,7 +81,8 @@ def positional_embedding(max_len: int, kind: str = "learned", *, dtype=jnp.float
             raise ValueError(f"{who}: T = {shape[0]} positions exceed max_len = {max_len}")
         if not learned:
             return shape, {}
-        return shape, {"P": 0.02 * jax.random.normal(key, (max_len, shape[1]), dtype)}
+        return shape, {"P": 0.02 * jax.random.normal(key, (max_len, shape[1]),
+                                                        param_dtype(dtype, who))}
 
     def forward(params, x, *, key=None, train=False):
         if not learned:
@@ -114,9 +114,7 @@ def transformer_block(heads: int, head_dim: int, mlp_hidden: int, *, causal: boo
     Params (those of the serial it is): ``((layer_norm, attention), (layer_norm,
     dense(mlp_hidden), {}, dense(d)))``. The MLP's first dense is He-initialised (gelu).
     """
-    if not isinstance(mlp_hidden, int) or isinstance(mlp_hidden, bool) or mlp_hidden <= 0:
-        raise ValueError(f"transformer_block: mlp_hidden must be a positive int, got "
-                         f"{mlp_hidden!r}")
+    mlp_hidden = positive_int(mlp_hidden, "mlp_hidden", "transformer_block")
     attend = attention(heads, head_dim, causal=causal, block_size=block_size, dtype=dtype)
     who = f"transformer_block({heads}, {head_dim}, {mlp_hidden}{', causal' if causal else ''})"
 
