@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbp.init import normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
 
@@ -255,7 +256,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         params = {}
         for name, k in zip(PROJECTIONS, jax.random.split(key, 4)):
             n_in, n_out = (width, d) if name == "o" else (d, width)
-            params[name] = {"W": jax.random.normal(k, (n_in, n_out), dt) / math.sqrt(n_in)}
+            params[name] = {"W": normal(k, (n_in, n_out), dt) / math.sqrt(n_in)}
             if name != "k":
                 params[name]["b"] = jnp.zeros((n_out,), dt)
         return shape, params

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jbp.init import normal
 from jbp.layer import (Layer, PerExampleRule, as_integer, as_shape, cast_like, check_array,
                        constructor, param_dtype, positive_int)
 
@@ -451,7 +452,7 @@ def conv(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1
         geo = geometry(tuple(in_size))
         fan_in = math.prod(geo.size) * c // groups
         dt = param_dtype(dtype, who)
-        W = jax.random.normal(key, (*geo.size, c // groups, out_channels), dt)
+        W = normal(key, (*geo.size, c // groups, out_channels), dt)
         W = W * jnp.asarray(gain / math.sqrt(fan_in), dt)
         params = {"W": W, "b": jnp.zeros((out_channels,), dt)}
         return (*geo.out_size, out_channels), {k: params[k] for k in keys}

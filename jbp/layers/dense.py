@@ -12,6 +12,7 @@ backward sums ∂C/∂W and ∂C/∂b over every other axis.
 import jax
 import jax.numpy as jnp
 
+from jbp.init import normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, per_example_rows, positive_int)
 
@@ -79,7 +80,7 @@ def dense(out_features: int, *, use_bias: bool = True, gain: float = 1.0,
         if not shape:
             raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
         n_in, dt = shape[-1], param_dtype(dtype, who)
-        W = jax.random.normal(key, (n_in, out_features), dt) * (gain / n_in**0.5)
+        W = normal(key, (n_in, out_features), dt) * (gain / n_in**0.5)
         params = {"W": W, "b": jnp.zeros((out_features,), dt)}
         return shape[:-1] + (out_features,), {k: params[k] for k in keys}
 

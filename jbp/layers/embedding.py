@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp.init import normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, check_array, constructor, param_dtype,
                        positive_int)
 
@@ -95,7 +96,7 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
 
     def init(key, in_shape):
         shape = as_shape(in_shape, who)
-        return shape + (dim,), {"E": jax.random.normal(key, (vocab_size, dim), param_dtype(dtype, who))}
+        return shape + (dim,), {"E": normal(key, (vocab_size, dim), param_dtype(dtype, who))}
 
     def check_params(params):
         if not isinstance(params, dict) or set(params) != {"E"}:

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbp.init import normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
 from jbp.layers.branches import parallel
@@ -204,7 +205,7 @@ def _recurrent(opts: _Options) -> Layer:
         qr_dtype = jnp.promote_types(dt, jnp.float32)
         W_h = jnp.concatenate([orthogonal(k, (H, H), qr_dtype) for k in jax.random.split(k_h, G)],
                               axis=1)
-        params = {"W_x": jax.random.normal(k_x, (F, G * H), dt) / F**0.5,  # as dense
+        params = {"W_x": normal(k_x, (F, G * H), dt) / F**0.5,  # as dense
                   "W_h": W_h.astype(dt), "b": jnp.zeros((G * H,), dt)}
         if cell.kind == "lstm":
             params["b"] = params["b"].at[H:2 * H].set(1)  # forget gate open

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp.init import normal
 from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, check_array,
                        check_empty_params, constructor, param_dtype, positive_int)
 from jbp.layers.activations import gelu
@@ -81,7 +82,7 @@ def positional_embedding(max_len: int, kind: str = "learned", *, dtype=jnp.float
             raise ValueError(f"{who}: T = {shape[0]} positions exceed max_len = {max_len}")
         if not learned:
             return shape, {}
-        return shape, {"P": 0.02 * jax.random.normal(key, (max_len, shape[1]),
+        return shape, {"P": 0.02 * normal(key, (max_len, shape[1]),
                                                         param_dtype(dtype, who))}
 
     def forward(params, x, *, key=None, train=False):

@@ -1,0 +1,49 @@
+"""Drawing initial params: ``jax.random.normal``'s values, at a fraction of its compile cost.
+
+``init`` runs eagerly, and eagerly every new shape is a new XLA program: on a 2-core CPU a
+normal draw of a shape not seen before compiles in about 0.2 s (the threefry hash), more
+than the rest of a small model's ``init`` together. Building models of many sizes (a sweep
+over widths, random architectures in the tests) pays it for every weight shape.
+
+With JAX's partitionable threefry (the default), element ``i`` of a draw depends only on the
+key and on ``i``, not on the shape: a draw of ``n`` numbers is the first ``n`` of any longer
+draw with the same key. :func:`normal` therefore draws a vector whose length is the next
+power of two (one compiled program per power of two) and takes its first ``n`` numbers in
+the requested shape (a slice and a reshape, a program that compiles in ~20 ms). The values
+are bit for bit ``jax.random.normal(key, shape, dtype)``'s (tested); where that would not
+hold (another PRNG implementation, the non-partitionable threefry, a traced key), it simply
+calls ``jax.random.normal``.
+"""
+
+import functools
+import math
+
+import jax
+
+
+def normal(key, shape, dtype):
+    """``jax.random.normal(key, shape, dtype)``, drawn as described in the module docstring."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if n == 0 or isinstance(key, jax.core.Tracer) or not _prefix_stable(key):
+        return jax.random.normal(key, shape, dtype)
+    return _first(_normal_vector(key, 1 << (n - 1).bit_length(), dtype), shape)
+
+
+def _prefix_stable(key) -> bool:
+    if not jax.config.jax_threefry_partitionable:
+        return False
+    try:
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal_vector(key, size: int, dtype):
+    return jax.random.normal(key, (size,), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first(vector, shape):
+    return vector[:math.prod(shape)].reshape(shape)
