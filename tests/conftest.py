@@ -1,4 +1,11 @@
-"""Shared test set-up: a hypothesis profile fit for JIT compiles, and dtype helpers."""
+"""Shared test set-up: a hypothesis profile fit for JIT compiles, dtype helpers, and running
+an experiment script in this process."""
+
+import contextlib
+import functools
+import importlib.util
+import io
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +52,34 @@ def rel_err(got, want) -> float:
         diff = np.linalg.norm(g - w)
         errs.append(0.0 if diff == 0 else diff / max(np.linalg.norm(w), 1e-300))
     return max(errs, default=0.0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def load_script(name: str):
+    """``experiments/<name>.py`` as a module (its main() not run); loaded once, so its jitted
+    functions compile once for every test that runs it."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(name: str, args, env: dict | None = None) -> str:
+    """``experiments/<name>.py``'s main(args) in this process, what ``python <name>.py args``
+    runs, with ``env`` set: its stdout. The config a script may change (64-bit mode, the
+    default device) is put back after it. A process of its own costs ~2.5 s of imports."""
+    saved = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_default_device")}
+    out = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+            for k, v in (env or {}).items():
+                patch.setenv(k, v)
+            code = load_script(name).main([str(a) for a in args])
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+    assert not isinstance(code, int) or code == 0, out.getvalue()[-4000:]  # some return results
+    return out.getvalue()

@@ -3,11 +3,7 @@
 Nothing here asserts a wall-clock time: timings are only checked for shape and sign.
 """
 
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,17 +11,8 @@ import numpy as np
 import pytest
 
 import jbp
+from conftest import load_script, run_main
 from jbp import bench
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "benchmark.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- FLOP counting ---------------------------------------------------------------------
@@ -129,7 +116,7 @@ def test_saved_bytes_counts_distinct_arrays_and_inputs_apart():
                                        (["--models", "mlp,gan"], "gan"),
                                        (["--models", "cnn", "--width", "8"], "--width")])
 def test_bad_flags_name_the_argument(argv, flag, capsys):
-    script = load_script()
+    script = load_script("benchmark")
     with pytest.raises(SystemExit) as exc:
         script.parse_args(argv)
     assert exc.value.code == 2
@@ -137,7 +124,7 @@ def test_bad_flags_name_the_argument(argv, flag, capsys):
 
 
 def test_models_flag_chooses_the_families():
-    script = load_script()
+    script = load_script("benchmark")
     assert script.parse_args([]).models == ("mlp", "cnn", "rnn", "attention")  # all by default
     assert [s.family for s in script.specs(script.parse_args(["--quick", "--models", "cnn"]))] \
         == ["cnn"] * len(script.QUICK_CNNS)
@@ -147,7 +134,7 @@ def test_models_flag_chooses_the_families():
 
 def test_cnn_specs_build_the_issue_models():
     # Built, not compiled or timed: the MNIST-1D CNN is mnist1d_models.build("cnn", 32).
-    script = load_script()
+    script = load_script("benchmark")
     one = script.cnn_spec("cnn1d", **script.CNNS["cnn1d"])
     built, shape = script._mnist1d_build()("cnn", 32)
     assert (one.model == built, one.in_shape, one.batch) == (True, (40, 1), 100)
@@ -166,7 +153,7 @@ def test_cnn_specs_build_the_issue_models():
 
 def test_sequence_specs_build_the_issue_models():
     # Built and shape-checked, not compiled: the counted products must be the model's.
-    script = load_script()
+    script = load_script("benchmark")
     for name, gates in script.GATES.items():
         spec = script.rnn_spec(name, **script.RNNS[name])
         params = jax.eval_shape(lambda k: spec.model.init(k, spec.in_shape)[1], jax.random.key(0))
@@ -202,9 +189,7 @@ def test_xla_counts_conv_flops_of_real_taps():
 
 def test_quick_run_writes_results_and_plots(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_main("benchmark", ["--quick", "--out", out])
     for png in ("step_time.png", "ratio.png", "gflops.png", "memory.png", "table.md"):
         assert (out / png).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())

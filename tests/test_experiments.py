@@ -1,6 +1,12 @@
-"""Every experiment script runs with --quick as a real process and writes its files."""
+"""Every experiment script runs with --quick and writes its files.
 
-import importlib.util
+The scripts run in this process, through their ``main(argv)`` (what ``python script.py``
+calls), so they share its imports and compiled functions; the config a script may change
+(64-bit mode, the default device) is put back after it. Two run as real processes: the
+README's main job (compare_training, what ``scripts/run.sh`` runs) and char_lm, whose
+compiles run at LLVM optimisation level 0 through XLA_FLAGS, which only a new process reads.
+"""
+
 import json
 import os
 import subprocess
@@ -11,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import load_script, run_main
 from jbp.data import load_mnist1d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     """The environment of the scripts: a session MNIST-1D cache (generated at most once)
-    and a shared persistent compile cache."""
+    and a shared persistent compile cache for the two that run as processes."""
     cache = tmp_path_factory.getbasetemp() / "jbp_cache"
     load_mnist1d(cache)
     return dict(os.environ, JBP_CACHE=str(cache),
@@ -30,17 +37,22 @@ def env(tmp_path_factory):
 
 def run(script, *args, env):
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 
-def run_quick(script, out, env, *extra):
-    done = run(script, "--quick", "--seed", "1", "--out", str(out), *extra, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "device: cpu" in done.stdout or "device: gpu" in done.stdout
+def run_quick(script, out, env, *extra, process=False):
+    args = ("--quick", "--seed", "1", "--out", str(out), *extra)
+    if process:
+        done = run(script, *args, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        stdout = done.stdout
+    else:
+        stdout = run_main(script.removesuffix(".py"), args, {"JBP_CACHE": env["JBP_CACHE"]})
+    assert "device: cpu" in stdout or "device: gpu" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["device"]["platform"] == jax.devices()[0].platform
     assert results["config"]["quick"] is True and results["config"]["seed"] == 1
-    return results, done.stdout
+    return results, stdout
 
 
 def assert_png(path):
@@ -48,7 +60,7 @@ def assert_png(path):
 
 
 def test_compare_training_quick(tmp_path, env):
-    results, stdout = run_quick("compare_training.py", tmp_path, env)
+    results, stdout = run_quick("compare_training.py", tmp_path, env, process=True)
     for grad in ("manual", "autodiff"):
         assert 0.0 <= results[grad]["test_accuracy"] <= 1.0
         history = results[grad]["history"]
@@ -103,14 +115,6 @@ def test_depth_residual_quick(tmp_path, env):
     assert "ratio init" in stdout
     assert_png(tmp_path / "accuracy.png")
     assert_png(tmp_path / "deltas.png")
-
-
-def load_script(name):
-    """An experiment script as a module (its main() not run)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("extra", [(), ("--cnn",)], ids=["mlp", "cnn"])
@@ -250,7 +254,7 @@ def test_char_lm_quick(tmp_path, env):
     four training steps is most of the run: LLVM's optimisation level 0 cut the script's
     CPU time by about a third (18–24 s to 13–17 s, measured at load 2–5)."""
     flags = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    results, stdout = run_quick("char_lm.py", tmp_path, dict(env, XLA_FLAGS=flags))
+    results, stdout = run_quick("char_lm.py", tmp_path, dict(env, XLA_FLAGS=flags), process=True)
     corpus = results["corpus"]
     assert corpus["chars"] == corpus["train_chars"] + corpus["val_chars"]
     assert len(corpus["sha256"]) == 64 and corpus["vocab_size"] > 80

@@ -1,19 +1,16 @@
 """The gradient-check experiment runs end to end and reports agreement."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import run_main
 
 
 def test_gradient_check_quick(tmp_path):
     out = tmp_path / "gc"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/gradient_check.py"), "--quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "all combinations agree" in proc.stdout
+    stdout = run_main("gradient_check", ["--quick", "--out", out])
+    assert "all combinations agree" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["all_ok"] is True
     assert {r["dtype"] for r in results["rows"]} == {"float32", "float64"}
@@ -23,8 +20,7 @@ def test_gradient_check_quick(tmp_path):
     assert (out / "gradient_check.png").stat().st_size > 1000
 
 
-def test_gradient_check_rejects_bad_width(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/gradient_check.py"),
-                           "--width", "0", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--width must be positive, got 0" in proc.stderr
+def test_gradient_check_rejects_bad_width(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_main("gradient_check", ["--width", "0", "--out", tmp_path])
+    assert exit_.value.code == 2 and "--width must be positive, got 0" in capsys.readouterr().err
