@@ -19,6 +19,14 @@ settings.register_profile("jbp", deadline=None, derandomize=True, print_blob=Tru
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("jbp")
 
+# The tests' own jitted programs (witnesses: jax.grad of a forward, Jacobians, central
+# differences, with jbp's functions inside) run once or twice on tiny arrays, so compiling
+# them is nearly all their time, about half of it LLVM's optimisation. At XLA's backend
+# optimisation level 0 they compile about twice as fast and compute the same math (the
+# tests' assertions hold for any CPU's kernels). Where a test is about what XLA's default
+# compile does, it uses jax.jit.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
 # Relative (normwise) tolerance between a hand-written gradient and jax.vjp / jax.grad.
 _RTOL = {"float64": 1e-12, "float32": 1e-5}
 

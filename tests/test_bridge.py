@@ -15,7 +15,9 @@ def test_check_grads_second_order(name):
     with jax.enable_x64(True):
         model, params, x, _, kw = case(name, jnp.float64, batch=3)
         apply = jbp.as_custom_vjp(model)
-        check_grads(lambda p, x: apply(p, x, **kw), (params, x), order=2, modes=["rev"])
+        # jitted: every evaluation check_grads makes runs one compiled program
+        check_grads(jax.jit(lambda p, x: apply(p, x, **kw)), (params, x), order=2,
+                    modes=["rev"])
 
 
 def _check_bridge(name, dtype):
@@ -73,13 +75,19 @@ def test_jit_vmap_and_an_optax_step():
 
     opt = optax.sgd(0.1)
     new, _ = step(params, opt.init(params))
-    manual = jbp.manual_value_and_grad(model, loss)(params, x, y)[1]
+    xs, ys = x.reshape(2, 4, -1), y.reshape(2, 4)
+
+    @jax.jit
+    def witnesses(params):
+        # vmap over a leading axis of batches: per-batch gradients through the manual backward
+        per_batch = jax.vmap(lambda xb, yb: jax.grad(lambda p: loss.value(apply(p, xb), yb))(
+            params))(xs, ys)
+        manual = jbp.manual_value_and_grad(model, loss)
+        return manual(params, x, y)[1], per_batch, manual(params, xs[0], ys[0])[1]
+
+    manual, per_batch, first = witnesses(params)
     want = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, manual)
     assert rel_err(new, want) <= 1e-6
-    # vmap over a leading axis of batches: per-batch gradients through the manual backward.
-    xs, ys = x.reshape(2, 4, -1), y.reshape(2, 4)
-    per_batch = jax.vmap(lambda xb, yb: jax.grad(lambda p: loss.value(apply(p, xb), yb))(params))(xs, ys)
-    first = jbp.manual_value_and_grad(model, loss)(params, xs[0], ys[0])[1]
     assert rel_err(jax.tree_util.tree_map(lambda g: g[0], per_batch), first) <= 1e-6
 
 

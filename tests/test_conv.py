@@ -604,8 +604,8 @@ def test_gram_path_norms_are_never_negative_and_as_accurate_as_vmap_grad():
 
     by_vmap = np.asarray(jax.jit(jax.vmap(norm_by_grad))(x32, y32), np.float64)
     with jax.enable_x64(True):
-        up = lambda t: cast(t, jnp.float64)  # noqa: E731
-        exact = np.asarray(jbp.per_example_grad_norms(layer, mse)(up(params), up(x32), up(y32)))
+        exact = np.asarray(jax.jit(jbp.per_example_grad_norms(layer, mse))(
+            *cast((params, x32, y32), jnp.float64)))
     assert np.all(np.isfinite(got))
     err, vmap_err = np.abs(got - exact) / exact, np.abs(by_vmap - exact) / exact
     assert np.max(err) <= 2 * np.max(vmap_err) + 1e-6, (np.max(err), np.max(vmap_err))

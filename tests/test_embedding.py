@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
 import jbp
-from conftest import cast, rel_err, rtol
+from conftest import cast, jit, rel_err, rtol
 
 CE = jbp.losses.softmax_cross_entropy
 
@@ -113,7 +113,7 @@ def test_model_through_every_gradient_function(name, dtype):
     def cost(p):
         return CE.value(out_of(p, ids), y)
 
-    @jax.jit
+    @jit
     def run(params, v):
         grads = {"backprop": jbp.backprop(model, CE, params, ids, y, **kw),
                  "auto": jbp.autodiff_value_and_grad(model, CE)(params, ids, y, **kw),

@@ -1,10 +1,11 @@
-"""jbp.init.normal gives jax.random.normal's values bit for bit, whatever the path it takes."""
+"""jbp.init: normal gives jax.random.normal's values bit for bit, whatever the path it
+takes; constant gives jnp.full's."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.init import normal
+from jbp.init import constant, normal
 
 SHAPES = [(3,), (4,), (5, 7), (2, 3, 2), (0, 3)]  # below and at a power of two, n-D, empty
 
@@ -26,6 +27,7 @@ def test_normal_is_jax_random_normal():
         want = _reference(key, jnp.float32)
         _assert_same([normal(key, s, jnp.float32) for s in SHAPES], want)
         _assert_same(jax.jit(lambda k: [normal(k, s, jnp.float32) for s in SHAPES])(key), want)
+        _assert_same([normal(key, SHAPES[2], jnp.float32, scale=0.3)], [want[2] * 0.3])
     key = jax.random.key(5)
     for dtype in (jnp.bfloat16, jnp.float16):
         _assert_same([normal(key, s, dtype) for s in SHAPES], _reference(key, dtype))
@@ -43,3 +45,10 @@ def test_normal_without_the_partitionable_threefry():
         _assert_same([normal(key, (5, 7), jnp.float32)], [jax.random.normal(key, (5, 7))])
     finally:
         jax.config.update("jax_threefry_partitionable", saved)
+
+
+def test_constant_is_jnp_full():
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = constant(1, (3,), dtype)
+        assert got.dtype == dtype and isinstance(got, jax.Array)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.ones(3, np.float32))

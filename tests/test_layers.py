@@ -148,15 +148,17 @@ def test_activations_match_jax_nn_element_by_element(name, dtype):
 
 def test_nan_propagates_through_every_activation_and_the_loss():
     """A NaN weight makes the loss NaN in both gradient paths (relu(NaN) is NaN, as in jax.nn)."""
-    for name in JAX_NN:
-        model = jbp.serial(jbp.dense(3), jbp.activations.ACTIVATIONS[name](), jbp.dense(2))
-        _, params = model.init(jax.random.key(0), (4,))
-        params = (dict(params[0], W=params[0]["W"].at[0, 0].set(jnp.nan)),) + params[1:]
-        x, y = jnp.ones((3, 4)), jnp.array([0, 1, 1])
-        for make in (jbp.manual_value_and_grad, jbp.autodiff_value_and_grad):
-            value, grads = make(model, jbp.losses.softmax_cross_entropy)(params, x, y)
-            assert np.isnan(value), (name, make.__name__)
-            assert np.isnan(grads[2]["W"]).any(), (name, make.__name__)
+    x, y = jnp.ones((3, 4)), jnp.array([0, 1, 1])
+    models = {name: jbp.serial(jbp.dense(3), jbp.activations.ACTIVATIONS[name](), jbp.dense(2))
+              for name in JAX_NN}
+    _, params = models["relu"].init(jax.random.key(0), (4,))  # the same shapes for every one
+    params = (dict(params[0], W=params[0]["W"].at[0, 0].set(jnp.nan)),) + params[1:]
+    makes = (jbp.manual_value_and_grad, jbp.autodiff_value_and_grad)
+    got = jax.jit(lambda p: {(name, make.__name__): make(model, jbp.losses.softmax_cross_entropy)(
+        p, x, y) for name, model in models.items() for make in makes})(params)  # one compile
+    for which, (value, grads) in got.items():
+        assert np.isnan(value), which
+        assert np.isnan(grads[2]["W"]).any(), which
 
 
 def test_dropout_train_backward_equals_vjp(dtype):

@@ -28,14 +28,17 @@ def test_a_composite_runs_its_own_backward(make):
     model = jbp.serial(block, jbp.relu(), jbp.dense(3))
     _, params = model.init(jax.random.key(0), (4,))
     x, y = _data()
-    for top in (model, block):  # the composite inside a serial and as the model itself
-        p = params if top is model else params[0]
-        loss = CE if top is model else MSE
-        target = y if top is model else jnp.ones((6, 3))
-        value, grads, deltas = jbp.backprop(top, loss, p, x, target)
-        auto_value, auto = jbp.autodiff_value_and_grad(top, loss)(p, x, target)
+
+    @jax.jit
+    def both(params):  # the composite inside a serial and as the model itself
+        return [(jbp.backprop(top, loss, p, x, target),
+                 jbp.autodiff_value_and_grad(top, loss)(p, x, target))
+                for top, loss, p, target in ((model, CE, params, y),
+                                             (block, MSE, params[0], jnp.ones((6, 3))))]
+
+    for (value, grads, _), (auto_value, auto) in both(params):
         assert value == auto_value and rel_err(grads, auto) <= 1e-5
-    _, _, deltas = jbp.backprop(model, CE, params, x, y)
+    _, _, deltas = jax.eval_shape(lambda p: jbp.backprop(model, CE, p, x, y), params)
     assert [d.shape for d in deltas] == [(6, 3), (6, 3), (6, 3)]
 
 
@@ -101,15 +104,21 @@ def test_leading_axes_and_single_examples():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, 7, 4)), jnp.float32)
     target = jnp.asarray(rng.normal(size=(3, 7, 2)), jnp.float32)
-    manual = jbp.manual_value_and_grad(model, MSE)(params, x, target)
-    auto = jbp.autodiff_value_and_grad(model, MSE)(params, x, target)
+
+    @jax.jit
+    def witnesses(params):
+        one_by_one = jax.vmap(jax.grad(lambda p, xi, ti: MSE.value(model.apply(p, xi[None]),
+                                                                   ti[None])),
+                              in_axes=(None, 0, 0))(params, x, target)
+        return (jbp.manual_value_and_grad(model, MSE)(params, x, target),
+                jbp.autodiff_value_and_grad(model, MSE)(params, x, target),
+                jbp.per_example_grads(model, MSE)(params, x, target), one_by_one,
+                jax.vmap(lambda xi: model.apply(params, xi))(x[:, 0]), model.apply(params, x[:, 0]))
+
+    manual, auto, per_example, want, single, batched = witnesses(params)
     assert rel_err(manual, auto) <= 1e-5
-    per_example = jbp.per_example_grads(model, MSE)(params, x, target)
-    want = jax.vmap(jax.grad(lambda p, xi, ti: MSE.value(model.apply(p, xi[None]), ti[None])),
-                    in_axes=(None, 0, 0))(params, x, target)
     assert rel_err(per_example, want) <= 1e-5
-    np.testing.assert_allclose(jax.vmap(lambda xi: model.apply(params, xi))(x[:, 0]),
-                               model.apply(params, x[:, 0]), rtol=1e-6)
+    np.testing.assert_allclose(single, batched, rtol=1e-6)
 
 
 def test_unknown_keywords_are_rejected():
@@ -227,9 +236,9 @@ def test_user_layer_per_example_rule_and_curvature_errors():
     model = jbp.serial(jbp.dense(3), scale, jbp.tanh(), jbp.dense(2))
     _, params = model.init(jax.random.key(0), (4,))
     x, y = _data(classes=2)
-    got = jbp.per_example_grads(model, CE)(params, x, y)
-    want = jax.vmap(jax.grad(lambda p, xi, yi: CE.value(model.apply(p, xi[None]), yi[None])),
-                    in_axes=(None, 0, 0))(params, x, y)
+    got, want = jax.jit(lambda p: (jbp.per_example_grads(model, CE)(p, x, y), jax.vmap(
+        jax.grad(lambda p, xi, yi: CE.value(model.apply(p, xi[None]), yi[None])),
+        in_axes=(None, 0, 0))(p, x, y)))(params)
     assert rel_err(got, want) <= 1e-5
     undeclared = jbp.serial(jbp.dense(3), _scale(), jbp.dense(2))
     with pytest.raises(ValueError, match=r"^ggn_diagonal: layer scale: .*ggn_diagonal needs every "
@@ -363,11 +372,11 @@ def test_ordinary_calls_give_no_jax_warning_and_an_impossible_dtype_is_an_error(
     for model, shape in models:
         out, params = model.init(jax.random.key(0), shape)
         x, y = rng.normal(size=(2, *shape)), rng.normal(size=(2, *out))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the warning comes while tracing: no need to compile
             warnings.simplefilter("error")
-            model.apply(params, x)
+            jax.eval_shape(lambda p: model.apply(p, x), params)  # x: NumPy, as a user holds it
             for grad in (jbp.manual_value_and_grad, jbp.autodiff_value_and_grad):
-                grad(model, MSE)(params, x, y)
+                jax.eval_shape(lambda p: grad(model, MSE)(p, x, y), params)
     with pytest.raises(ValueError, match=r"dense\(3\): dtype float64 needs JAX's 64-bit mode.*"
                                          r"jax.config.update\('jax_enable_x64', True\)"):
         jbp.dense(3, dtype=jnp.float64).init(jax.random.key(0), (4,))

@@ -85,7 +85,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp.init import normal
+from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
 
@@ -258,7 +258,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
             n_in, n_out = (width, d) if name == "o" else (d, width)
             params[name] = {"W": normal(k, (n_in, n_out), dt) / math.sqrt(n_in)}
             if name != "k":
-                params[name]["b"] = jnp.zeros((n_out,), dt)
+                params[name]["b"] = constant(0, (n_out,), dt)
         return shape, params
 
     def check_params(params):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp.init import normal
+from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_integer, as_shape, cast_like, check_array,
                        constructor, param_dtype, positive_int)
 
@@ -452,9 +452,9 @@ def conv(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1
         geo = geometry(tuple(in_size))
         fan_in = math.prod(geo.size) * c // groups
         dt = param_dtype(dtype, who)
-        W = normal(key, (*geo.size, c // groups, out_channels), dt)
-        W = W * jnp.asarray(gain / math.sqrt(fan_in), dt)
-        params = {"W": W, "b": jnp.zeros((out_channels,), dt)}
+        W = normal(key, (*geo.size, c // groups, out_channels), dt,
+                   scale=gain / math.sqrt(fan_in))
+        params = {"W": W, "b": constant(0, (out_channels,), dt)}
         return (*geo.out_size, out_channels), {k: params[k] for k in keys}
 
     def check_params(params):

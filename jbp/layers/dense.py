@@ -12,7 +12,7 @@ backward sums ∂C/∂W and ∂C/∂b over every other axis.
 import jax
 import jax.numpy as jnp
 
-from jbp.init import normal
+from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, per_example_rows, positive_int)
 
@@ -80,8 +80,8 @@ def dense(out_features: int, *, use_bias: bool = True, gain: float = 1.0,
         if not shape:
             raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
         n_in, dt = shape[-1], param_dtype(dtype, who)
-        W = normal(key, (n_in, out_features), dt) * (gain / n_in**0.5)
-        params = {"W": W, "b": jnp.zeros((out_features,), dt)}
+        W = normal(key, (n_in, out_features), dt, scale=gain / n_in**0.5)
+        params = {"W": W, "b": constant(0, (out_features,), dt)}
         return shape[:-1] + (out_features,), {k: params[k] for k in keys}
 
     def check_params(params):

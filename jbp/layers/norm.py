@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jbp.init import constant
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, check_train,
                        constructor, param_dtype, per_example_rows)
 
@@ -71,7 +72,7 @@ def _scale_and_offset(who: str, dtype):
         if not shape:
             raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
         n, dt = shape[-1], param_dtype(dtype, who)
-        return shape, {"scale": jnp.ones((n,), dt), "offset": jnp.zeros((n,), dt)}
+        return shape, {"scale": constant(1, (n,), dt), "offset": constant(0, (n,), dt)}
 
     return init
 
@@ -232,7 +233,7 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
 
     def init_state(in_shape):
         n, dt = as_shape(in_shape, who)[-1], param_dtype(dtype, who)
-        return {"mean": jnp.zeros((n,), dt), "var": jnp.ones((n,), dt)}
+        return {"mean": constant(0, (n,), dt), "var": constant(1, (n,), dt)}
 
     def check_state(state, n):
         if (not isinstance(state, dict) or set(state) != {"mean", "var"}

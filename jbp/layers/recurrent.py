@@ -46,9 +46,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jbp.init import normal
+from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
 from jbp.layers.branches import parallel
@@ -205,11 +206,12 @@ def _recurrent(opts: _Options) -> Layer:
         qr_dtype = jnp.promote_types(dt, jnp.float32)
         W_h = jnp.concatenate([orthogonal(k, (H, H), qr_dtype) for k in jax.random.split(k_h, G)],
                               axis=1)
-        params = {"W_x": normal(k_x, (F, G * H), dt) / F**0.5,  # as dense
-                  "W_h": W_h.astype(dt), "b": jnp.zeros((G * H,), dt)}
+        b = np.zeros((G * H,), dt)
         if cell.kind == "lstm":
-            params["b"] = params["b"].at[H:2 * H].set(1)  # forget gate open
-        params.update({k: jnp.zeros((H,), dt) for k in names[3:]})
+            b[H:2 * H] = 1  # forget gate open
+        params = {"W_x": normal(k_x, (F, G * H), dt) / F**0.5,  # as dense
+                  "W_h": W_h.astype(dt), "b": jnp.asarray(b)}
+        params.update({k: constant(0, (H,), dt) for k in names[3:]})
         return ((shape[0], H) if opts.return_sequences else (H,)), params
 
     def check_params(params):

@@ -82,8 +82,7 @@ def positional_embedding(max_len: int, kind: str = "learned", *, dtype=jnp.float
             raise ValueError(f"{who}: T = {shape[0]} positions exceed max_len = {max_len}")
         if not learned:
             return shape, {}
-        return shape, {"P": 0.02 * normal(key, (max_len, shape[1]),
-                                                        param_dtype(dtype, who))}
+        return shape, {"P": normal(key, (max_len, shape[1]), param_dtype(dtype, who), scale=0.02)}
 
     def forward(params, x, *, key=None, train=False):
         if not learned:
