@@ -201,7 +201,7 @@ def _check_dtype(layer, in_shape, given, dtype, batch, seed, key, train, int_ran
     rng = np.random.default_rng(seed)
     kw = {"key": key, "train": train, "state": _random_state(layer, in_shape, rng, dtype)}
     mixes = layer.stateful and train
-    autodiff = set()
+    autodiff, traced = set(), {}
     for case, (scale, case_batch, around) in CASES.items():
         if mixes and case_batch == 1:
             checks.append(Check(f"{name} {case}", True, "not checked: training mode of a layer "
@@ -212,10 +212,14 @@ def _check_dtype(layer, in_shape, given, dtype, batch, seed, key, train, int_ran
         dy = jnp.asarray(rng.normal(size=(b, *out_shape)), dtype)
         what = f"{name} {case}"
         at = drawn if around else params
-        try:
-            autodiff |= _check_shapes(layer, at, x, dy, out_shape, dtype, kw)
-        except Exception as err:  # noqa: BLE001
-            checks.append(Check(f"{what}: shapes and dtypes", False, _error(err)))
+        if b not in traced:  # a trace per batch size: the other cases trace the same program
+            try:
+                autodiff |= _check_shapes(layer, at, x, dy, out_shape, dtype, kw)
+                traced[b] = None
+            except Exception as err:  # noqa: BLE001
+                traced[b] = _error(err)
+        if traced[b] is not None:
+            checks.append(Check(f"{what}: shapes and dtypes", False, traced[b]))
             continue
         manual, reference = _vjp_pair(layer, at, x, dy, kw)
         compared = "dparams and dx"
@@ -386,7 +390,10 @@ def _manual_and_reference(layer, params, x, dy, key, train, state):
     return {"dparams": dparams, "dx": dx}, {"dparams": ref_dparams, "dx": ref_dx}
 
 
-_vjp_pair_jit = jax.jit(_manual_and_reference, static_argnums=(0, 5))
+# check_layer's programs run once or twice on a handful of examples: compiling them is nearly
+# all its time, and about half of that is LLVM's optimisation, which buys nothing here.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_vjp_pair_jit = _jit(_manual_and_reference, static_argnums=(0, 5))
 
 
 def _check_per_example(layer, params, x, x_other, dy, kw, dtype, what) -> Check:
@@ -451,4 +458,4 @@ def _per_example(layer, params, x, x_other, dy, key, train, state):
     return _cast(got, dtype), want
 
 
-_per_example_pair = jax.jit(_per_example, static_argnums=(0, 6))
+_per_example_pair = _jit(_per_example, static_argnums=(0, 6))

@@ -137,4 +137,5 @@ def test_forward_mode_of_the_bridge_names_the_bridge_and_what_works():
         with pytest.raises(TypeError, match=r"as_custom_vjp\(mlp\(\[3, 4, 2\], tanh\)\): "
                                             r"forward-mode autodiff .* jax.hessian .* jbp.hvp"):
             forward_mode(lambda x_: apply(params, x_))
-    assert jax.hessian(lambda x_: jnp.sum(apply(params, x_) ** 2))(x).shape == (2, 3, 2, 3)
+    assert jax.eval_shape(jax.hessian(lambda x_: jnp.sum(apply(params, x_) ** 2)), x).shape == \
+        (2, 3, 2, 3)

@@ -87,7 +87,7 @@ def test_model_through_every_gradient_function(name, dtype):
     """Both dtypes: backprop == jax.grad == jax.grad through as_custom_vjp. float64 also: ==
     central differences; per-example gradients and norms == vmap(grad); hvp == jvp of grad;
     ggn_diagonal == diag(Jᵀ H J); per-example variance and DP-SGD's clipped mean from
-    vmap(grad); check_grads, order 2. The embedding comes first (its float0 dx is where the
+    vmap(grad); check_grads, order 2 (for the first model). The embedding comes first (its float0 dx is where the
     backward pass ends); batch norm runs in evaluation mode with a random state."""
     build, delta_shapes = MODELS[name]
     model = build(dtype)
@@ -150,9 +150,13 @@ def test_model_through_every_gradient_function(name, dtype):
     assert abs(value - auto_value) <= rtol(dtype) * abs(value)
     assert rel_err(manual, auto) <= rtol(dtype) and rel_err(grads["bridge"], auto) <= rtol(dtype)
     assert [d.shape for d in deltas] == delta_shapes
-    for name, (got, want) in pairs.items():
-        assert rel_err(got, want) <= (1e-6 if name == "finite differences" else 1e-10), name
-    if dtype == jnp.float64:  # the bridge from outside: reverse mode, first and second order
+    for what, (got, want) in pairs.items():
+        assert rel_err(got, want) <= (1e-6 if what == "finite differences" else 1e-10), what
+    if dtype == jnp.float64 and name == "embedding-layer_norm":
+        # the bridge from outside, reverse mode, first and second order, with integer input
+        # (float0); each layer of the other two models has its own check_grads at order 2
+        # (test_conv, test_batch_norm, test_attention, test_recurrent), the composites theirs
+        # in test_bridge
         check_grads(jax.jit(lambda p: out_of(p, ids, apply)), (params,), order=2, modes=["rev"],
                     eps=1e-6)
 

@@ -26,11 +26,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """The environment of the scripts: a session MNIST-1D cache (generated at most once)
-    and a shared persistent compile cache for the two that run as processes."""
+    """The environment of the scripts: a session MNIST-1D cache (generated at most once), a
+    shared persistent compile cache and, for every new process (the two scripts that run as
+    one, data_parallel's children), LLVM's optimisation level 0: a quick run's programs run
+    for seconds, and compiling them at the default level cost a third more CPU time."""
     cache = tmp_path_factory.getbasetemp() / "jbp_cache"
     load_mnist1d(cache)
-    return dict(os.environ, JBP_CACHE=str(cache),
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    return dict(os.environ, JBP_CACHE=str(cache), XLA_FLAGS=flags,
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "xla_cache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
@@ -47,7 +50,8 @@ def run_quick(script, out, env, *extra, process=False):
         assert done.returncode == 0, done.stderr[-4000:]
         stdout = done.stdout
     else:
-        stdout = run_main(script.removesuffix(".py"), args, {"JBP_CACHE": env["JBP_CACHE"]})
+        stdout = run_main(script.removesuffix(".py"), args,
+                          {k: env[k] for k in ("JBP_CACHE", "XLA_FLAGS")})
     assert "device: cpu" in stdout or "device: gpu" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["device"]["platform"] == jax.devices()[0].platform
@@ -251,10 +255,9 @@ def test_adding_problem_data():
 def test_char_lm_quick(tmp_path, env):
     """Both models, each trained with both gradients from the same init on the same
     batches, stay together to float32 round-off over the few quick steps. Compiling the
-    four training steps is most of the run: LLVM's optimisation level 0 cut the script's
-    CPU time by about a third (18–24 s to 13–17 s, measured at load 2–5)."""
-    flags = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    results, stdout = run_quick("char_lm.py", tmp_path, dict(env, XLA_FLAGS=flags), process=True)
+    four training steps is most of the run: LLVM's optimisation level 0 (``env``) cut the
+    script's CPU time by about a third (18–24 s to 13–17 s, measured at load 2–5)."""
+    results, stdout = run_quick("char_lm.py", tmp_path, env, process=True)
     corpus = results["corpus"]
     assert corpus["chars"] == corpus["train_chars"] + corpus["val_chars"]
     assert len(corpus["sha256"]) == 64 and corpus["vocab_size"] > 80

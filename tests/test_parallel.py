@@ -313,7 +313,11 @@ def free_port() -> int:
 
 
 def script_env(devices: int) -> dict:
-    return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    """The scripts' environment: ``devices`` host devices, and LLVM's optimisation level 0
+    (their programs run once on tiny arrays: compiling is their time; the assertions are on
+    the math, which that level does not change)."""
+    return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                                      f"--xla_backend_optimization_level=0",
                          "PYTHONPATH": os.pathsep.join(
                              [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 

@@ -351,12 +351,13 @@ def test_check_layer_a_zero_gradient_leaf_passes_and_an_error_in_it_fails():
     assert all(c.comparison.first_disagreement.path == "['dparams'][0]['b']"
                for c in report.failures)
     # what users write before a batch norm: no bias at all
-    for layer in (jbp.dense(4, use_bias=False), jbp.conv(4, 3, use_bias=False)):
-        shape = (8, 2) if layer.name.startswith("conv") else (2,)
-        _, params = layer.init(jax.random.key(0), shape)
-        assert set(params) == {"W"}
-        assert jbp.check_layer(jbp.serial(layer, jbp.batch_norm()), shape, train=True).ok
-        assert jbp.check_layer(layer, shape).ok
+    for layer, shape in ((jbp.dense(4, use_bias=False), (2,)),
+                         (jbp.conv(4, 3, use_bias=False), (8, 2))):
+        assert set(layer.init(jax.random.key(0), shape)[1]) == {"W"}
+    assert jbp.check_layer(jbp.dense(4, use_bias=False), (2,)).ok  # the per-example rules too
+    assert jbp.check_layer(jbp.conv(8, 3, use_bias=False), (3, 4)).ok  # (its Gram path)
+    assert jbp.check_layer(jbp.serial(jbp.conv(4, 3, use_bias=False), jbp.batch_norm()), (8, 2),
+                           train=True).ok
 
 
 def test_ordinary_calls_give_no_jax_warning_and_an_impossible_dtype_is_an_error():
