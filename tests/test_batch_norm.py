@@ -107,12 +107,14 @@ def test_manual_equals_autodiff_equals_central_differences_in_training_mode():
 
 
 def test_float32_training_step_updates_the_state_identically_in_both_paths():
+    """Both paths run the same forward; in two compiled programs XLA may order a reduction
+    differently, so "identically" is to float32 round-off, not bit for bit."""
     model, params, state, x, y = _setup(jnp.float32)
     manual = jax.jit(jbp.manual_value_and_grad(model, CE), static_argnames="train")
     auto = jax.jit(jbp.autodiff_value_and_grad(model, CE), static_argnames="train")
     (v, s), g = manual(params, x, y, train=True, state=state)
     (v_ref, s_ref), g_ref = auto(params, x, y, train=True, state=state)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, s, s_ref)
+    assert rel_err(s, s_ref) <= 1e-6
     assert abs(v - v_ref) <= 1e-6 * abs(v_ref)
     assert rel_err(g, g_ref) <= 1e-5
     assert not np.allclose(s[2]["mean"], state[2]["mean"])  # it moved

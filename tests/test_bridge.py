@@ -32,7 +32,7 @@ def _check_bridge(name, dtype):
                 jbp.autodiff_value_and_grad(model, loss)(params, x, y, **kw)[1])
 
     (value, grads), (manual_value, manual), auto = three(params, x, y)
-    assert value == manual_value
+    assert abs(value - manual_value) <= TOL[dtype] * abs(manual_value)  # two forwards
     assert rel_err(grads, manual) <= TOL[dtype]
     assert rel_err(grads, auto) <= TOL[dtype]
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda g, p: g.dtype == p.dtype, grads, params))
