@@ -2,17 +2,16 @@
 
 ``compare_grads(grads, reference)`` says, for every parameter leaf, how far two gradients
 are apart (max absolute error, normwise relative error ‖g − r‖/‖r‖) and which layer, in
-backward order, is the first to disagree.
+backward order, is the first to disagree. ``numerical_value_and_grad`` has the signature of
+the other gradient functions and computes central differences in float64.
 
 A leaf whose exact gradient is zero (a bias right before batch norm in training mode, whose
 shift the normalisation removes) gets rounding noise from both paths, and ‖g − r‖/‖r‖ is
-then noise over noise. So each leaf is judged against the larger of its own norm and a
-*floor* from the whole gradient: the norm the leaf would have if its elements were of the
-whole gradient's typical (RMS) size, ‖r_all‖·√(n_leaf/n_all). A leaf of ordinary size is
-judged by its own norm as before; a leaf of (near-)zero gradient passes with noise and fails
-with an error at the level of the tolerance times the gradient's typical element. ``numerical_value_and_grad`` has the signature
-of the other gradient functions and computes central differences in float64.
-"""
+then noise over noise. So a leaf is judged against the larger of its own norm and a *floor*
+from the whole gradient: the norm the leaf would have if its elements were of the whole
+gradient's typical (RMS) size, ‖r_all‖·√(n_leaf/n_all). A leaf within the tolerance of its
+own norm passes as before; a leaf of (near-)zero gradient passes with rounding noise and
+fails with an error at the level of the tolerance times the gradient's typical element."""
 
 import math
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ class LeafDiff(NamedTuple):
     layer: int | None  # top-level layer index, where params are a tuple per layer
     shape: tuple
     max_abs: float
-    rel: float  # ‖g − r‖ / max(‖r‖, floor) (0 when g = r; see the module docstring)
+    rel: float  # ‖g − r‖/‖r‖, or ‖g − r‖/floor where the floor judged (module docstring)
     ok: bool
-    floored: bool = False  # whether the floor, larger than ‖r‖, was the scale
+    floored: bool = False  # whether the floor judged: ‖g − r‖ > rtol·‖r‖ and floor > ‖r‖
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,8 @@ class GradComparison:
                    f"first disagreement in backward order: {first.path}")
         lines.append(f"{verdict} (rtol {self.rtol:.0e}, max rel err {self.max_rel:.3e})")
         if any(leaf.floored for leaf in self.leaves):
-            lines.append("* relative to the floor (the whole gradient's typical element size, "
-                         "larger than this leaf's)")
+            lines.append("* the leaf's own norm is ~0 (its exact gradient vanishes): judged "
+                         "against the whole gradient's typical element size")
         return "\n".join(lines)
 
 
@@ -97,7 +96,8 @@ def compare_grads(grads, reference, *, rtol: float | None = None) -> GradCompari
     ``rtol`` (normwise relative error allowed) defaults by the reference's dtype: 1e-12 for
     float64, 1e-5 for float32. A leaf passes if its values are finite and
     ``‖g − r‖ ≤ rtol · max(‖r‖, ‖r_all‖·√(n_leaf/n_all))``: relative to its own norm, or, for
-    a leaf whose exact gradient is ~0, to the whole gradient's scale (module docstring).
+    a leaf whose exact gradient is ~0, to the whole gradient's scale (module docstring); the
+    report's ``rel`` is against the norm that judged it (``floored`` where the floor did).
     """
     paths_g, tree_g = jax.tree_util.tree_flatten_with_path(grads)
     paths_r, tree_r = jax.tree_util.tree_flatten_with_path(reference)
@@ -121,12 +121,13 @@ def compare_grads(grads, reference, *, rtol: float | None = None) -> GradCompari
         diff = g64 - r64
         err, norm = float(np.linalg.norm(diff)), float(np.linalg.norm(r64))
         floor = norm_all * math.sqrt(r64.size / n_all) if n_all else 0.0
-        scale = max(norm, floor)
+        # the leaf's own norm, unless the error exceeds the tolerance of it: then the floor
+        scale = norm if err <= rtol * norm else max(norm, floor)
         rel = 0.0 if err == 0 else (err / scale if scale > 0 else math.inf)
         max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
         ok = bool(np.all(np.isfinite(g64))) and rel <= rtol
         leaves.append(LeafDiff(jax.tree_util.keystr(path), _layer_of(path), g64.shape,
-                               max_abs, rel, ok, floor > norm))
+                               max_abs, rel, ok, scale > norm))
     return GradComparison(tuple(leaves), float(rtol))
 
 
