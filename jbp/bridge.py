@@ -61,13 +61,13 @@ def _unhide_static(cache):
 def as_custom_vjp(model: Layer):
     """``model.apply`` as a ``jax.custom_vjp`` whose VJP is ``model.backward``.
 
-    Returns ``apply(params, x, *, key=None, train=False) -> y``: ``x (B, *in_shape)``,
-    ``y (B, *out_shape)``, exactly ``model.apply``'s value. Under ``jax.grad``/``jax.vjp``
-    the cotangent of ``y`` (shape and dtype of ``y``) goes through the hand-written
-    backward; ``key`` gets no cotangent. A model that keeps state takes ``state=`` and
-    returns ``(y, new_state)``; the state gets a zero cotangent. The raw rules are attached as ``apply.fwd(params,
-    x, key, train) -> (y, residuals)`` and ``apply.bwd(residuals, dy) -> (dparams, dx,
-    None)``; ``bwd`` raises a ValueError for a cotangent whose shape or dtype is not ``y``'s,
+    Returns ``apply(params, x, *, key=None, train=False, side=None) -> y``: ``x (B,
+    *in_shape)``, ``y (B, *out_shape)``, exactly ``model.apply``'s value. Under
+    ``jax.grad``/``jax.vjp`` the cotangent of ``y`` (shape and dtype of ``y``) goes through
+    the hand-written backward; ``key`` and the side inputs (:mod:`jbp.masks`) get none. A model that keeps state takes ``state=`` and
+    returns ``(y, new_state)``; the state gets a zero cotangent. The raw rules are attached
+    as ``apply.fwd(params, x, key, train, state=None, side=None) -> (y, residuals)`` and
+    ``apply.bwd(residuals, dy) -> (dparams, dx, None, None)``; ``bwd`` raises a ValueError for a cotangent whose shape or dtype is not ``y``'s,
     and for a backward whose gradients are not shaped like ``params`` and ``x``. An integer
     ``x`` (raw uint8 images) gets the ``float0`` cotangent JAX expects of it.
     """
@@ -75,8 +75,8 @@ def as_custom_vjp(model: Layer):
         raise TypeError(f"as_custom_vjp: model must be a jbp Layer, got {type(model).__name__}")
     who = f"as_custom_vjp({model.name})"
 
-    def fwd(params, x, key, train, state=None):
-        y, cache, new_state = run(model, params, x, key=key, train=train, state=state)
+    def fwd(params, x, key, train, state=None, side=None):
+        y, cache, new_state = run(model, params, x, key=key, train=train, state=state, side=side)
         spec = _Static((jax.ShapeDtypeStruct(y.shape, y.dtype),
                         jax.ShapeDtypeStruct(x.shape, x.dtype),
                         jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
@@ -86,12 +86,14 @@ def as_custom_vjp(model: Layer):
     def bwd(residuals, dy):
         params, cache, spec = residuals
         y_spec, x_spec, state_spec = spec.value
-        # key gets no cotangent; the state a zero one (the new state is not differentiated)
+        # key and side get no cotangent; the state a zero one (the new state is not
+        # differentiated)
         if model.stateful:
             dy, _ = dy
-            rest = (None, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec))
+            rest = (None, None,
+                    jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec))
         else:
-            rest = (None,)
+            rest = (None, None)
         if not hasattr(dy, "shape"):
             raise TypeError(f"{who}: the cotangent must be an array, got {type(dy).__name__}")
         if tuple(dy.shape) != tuple(y_spec.shape) or jnp.result_type(dy) != y_spec.dtype:
@@ -107,18 +109,20 @@ def as_custom_vjp(model: Layer):
 
     def make(train: bool):
         @jax.custom_vjp
-        def apply(params, x, key, *state):
-            return fwd(params, x, key, train, *state)[0]
+        def apply(params, x, key, side, *state):
+            return fwd(params, x, key, train, *state, side=side)[0]
 
-        apply.defvjp(lambda params, x, key, *state: fwd(params, x, key, train, *state), bwd)
+        apply.defvjp(lambda params, x, key, side, *state: fwd(params, x, key, train, *state,
+                                                              side=side), bwd)
         return apply
 
     rules = {False: make(False), True: make(True)}
 
-    def apply(params, x, *, key=None, train=False, state=None):
+    def apply(params, x, *, key=None, train=False, state=None, side=None):
         check_state(model, state)
         try:
-            return rules[bool(train)](params, x, key, *([state] if model.stateful else []))
+            return rules[bool(train)](params, x, key, side,
+                                      *([state] if model.stateful else []))
         except TypeError as err:
             if "forward-mode" not in str(err):
                 raise

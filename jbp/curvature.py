@@ -39,7 +39,8 @@ from jbp.per_example import _check, like_params, trace
 
 
 def hvp(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, v, *, weights=None, key=None, train=False, state=None) -> H v``: the
+    """``f(params, x, y, v, *, weights=None, key=None, train=False, state=None, side=None) ->
+    H v``: the
     Hessian of C(params) times ``v`` (``state`` for a model with batch_norm; in training mode
     that C normalises with the batch statistics, which depend on the params too).
 
@@ -51,7 +52,7 @@ def hvp(model: Layer, loss: losses.Loss):
     grad = manual_value_and_grad(model, loss)
 
     def hessian_vector_product(params, x, y, v, *, weights=None, key=None, train=False,
-                                state=None):
+                                state=None, side=None):
         tree_p, tree_v = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
         if tree_p != tree_v:
             raise ValueError(f"hvp: v must be shaped like params; params have structure "
@@ -62,7 +63,8 @@ def hvp(model: Layer, loss: losses.Loss):
                                  f"{tuple(p.shape)} got a tangent of shape {tuple(t.shape)}")
         v = jax.tree_util.tree_map(lambda p, t: jnp.asarray(t, p.dtype), params, v)
         def g(p):
-            return grad(p, x, y, weights=weights, key=key, train=train, state=state)[1]
+            return grad(p, x, y, weights=weights, key=key, train=train, state=state,
+                        side=side)[1]
 
         return jax.jvp(g, (params,), (v,))[1]
 
@@ -135,7 +137,8 @@ def loss_hessian_factor(loss: losses.Loss, out, target, weights=None):
 
 
 def ggn_diagonal(model: Layer, loss: losses.Loss):
-    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> diag(G)``,
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None, side=None) ->
+    diag(G)``,
     shaped like ``params``: the exact diagonal of the
     generalised Gauss-Newton matrix Jᵀ H_L J of the batch loss C.
 
@@ -147,8 +150,8 @@ def ggn_diagonal(model: Layer, loss: losses.Loss):
     _check(model, loss, "ggn_diagonal")
     sqrt_hessian = _factor_for(loss)
 
-    def diagonal(params, x, y, *, weights=None, key=None, train=False, state=None):
-        out, cache, _ = run(model, params, x, key=key, train=train, state=state)
+    def diagonal(params, x, y, *, weights=None, key=None, train=False, state=None, side=None):
+        out, cache, _ = run(model, params, x, key=key, train=train, state=state, side=side)
         factor = sqrt_hessian(out, y, weights)
 
         def squares(s):

@@ -186,11 +186,11 @@ GRADS = ("manual", "autodiff")
 
 def data_parallel_value_and_grad(model: Layer, loss: Loss, mesh, *, grad: str = "manual",
                                  axis: str = DATA_AXIS):
-    """``f(params, x, y, *, weights=None, key=None, train=False) -> (C, ∂C/∂params)`` for
-    the whole batch, computed shard by shard with ``jax.shard_map``.
+    """``f(params, x, y, *, weights=None, key=None, train=False, side=None) -> (C,
+    ∂C/∂params)`` for the whole batch, computed shard by shard with ``jax.shard_map``.
 
     Every device of ``mesh``'s ``axis`` gets ``B/N`` rows of ``x`` and ``y`` (and
-    ``weights``) and the whole params, and runs the hand-written forward and backward
+    ``weights`` and the side inputs, :mod:`jbp.masks`) and the whole params, and runs the hand-written forward and backward
     (:func:`jbp.manual_value_and_grad`) on them: its shard's cost C_k and gradient ∂C_k/∂θ.
     Then one all-reduce, ``lax.pmean``, averages them over the devices.
 
@@ -216,36 +216,39 @@ def data_parallel_value_and_grad(model: Layer, loss: Loss, mesh, *, grad: str = 
         raise ValueError(f"data_parallel_value_and_grad: grad must be one of {GRADS}, got {grad!r}")
     manual = manual_value_and_grad(model, loss)
 
-    def shard(params, x, y, weights, key, train):
+    def shard(params, x, y, weights, key, side, train):
         if key is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         # This shard's total example weight W_k (what its cost is the mean over). The
         # weights depend on the targets only; ``out`` just gives shape and dtype.
-        out = jax.eval_shape(lambda p, a: model.apply(p, a, key=key, train=train), params, x)
+        out = jax.eval_shape(lambda p, a, s: model.apply(p, a, key=key, train=train, side=s),
+                             params, x, side)
         w_k = jnp.sum(loss.weights(jnp.zeros(out.shape, out.dtype), y, weights))
         mean_w = jax.lax.pmean(w_k, axis)
         share = w_k / jnp.where(mean_w > 0, mean_w, 1)
         if grad == "manual":
-            value, grads = manual(params, x, y, weights=weights, key=key, train=train)
+            value, grads = manual(params, x, y, weights=weights, key=key, train=train,
+                                  side=side)
             # the all-reduce: the mean over devices of every shard's (weighted) loss and grads
             return jax.lax.pmean((share * value, _scale(grads, share)), axis)
 
         def cost(p):
-            value = loss.value(model.apply(p, x, key=key, train=train), y, weights)
+            value = loss.value(model.apply(p, x, key=key, train=train, side=side), y, weights)
             return jax.lax.pmean(share * value, axis)
 
         return jax.value_and_grad(cost)(params)
 
-    def value_and_grad(params, x, y, *, weights=None, key=None, train=False):
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, side=None):
         check_batch(x.shape[0], mesh, "data_parallel_value_and_grad", axis)
         if y.shape[:1] != x.shape[:1]:
             raise ValueError(f"data_parallel_value_and_grad: inputs have {x.shape[0]} rows but "
                              f"targets {y.shape[0] if y.ndim else 'none'}")
         run = jax.shard_map(
             functools.partial(shard, train=train), mesh=mesh,
-            in_specs=(P(), P(axis), P(axis), None if weights is None else P(axis), P()),
+            in_specs=(P(), P(axis), P(axis), None if weights is None else P(axis), P(),
+                      None if not side else P(axis)),
             out_specs=(P(), P()))
-        return run(params, x, y, weights, key)
+        return run(params, x, y, weights, key, side or None)
 
     return value_and_grad
 

@@ -5,7 +5,8 @@ pass at the output with the loss's hand-written ∂C/∂out, and runs the layers
 in reverse. ``autodiff_value_and_grad`` asks ``jax.value_and_grad`` for the same numbers.
 Both are pure, so ``jax.jit``, an optax loop or a benchmark takes either one. Keywords:
 ``weights`` (per-example loss weights, see :mod:`jbp.losses`), ``key`` and ``train`` (for
-the model's forward), ``state`` (for a model that keeps state); anything else is a TypeError.
+the model's forward), ``state`` (for a model that keeps state), ``side`` (side inputs such as
+a padded batch's ``lengths``, see :mod:`jbp.masks`); anything else is a TypeError.
 
 A model that keeps state (batch_norm) needs ``state=``; the value then comes back with the
 new state, ``((C, new_state), grads)``, as ``jax.value_and_grad(..., has_aux=True)`` gives
@@ -23,7 +24,7 @@ import jax
 from jbp.layer import Layer, check_like, run
 from jbp.losses import Loss
 
-GradFn = Callable  # (params, x, y, *, weights, key, train, state) -> (loss, grads)
+GradFn = Callable  # (params, x, y, *, weights, key, train, state, side) -> (loss, grads)
 
 
 def _check(model, loss):
@@ -58,7 +59,7 @@ def _visit_recording(child, params, cache, dy):
 
 
 def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, train=False,
-             state=None):
+             state=None, side=None):
     """One hand-written forward and backward pass, with its trace.
 
     Returns ``(value, grads, deltas)``: the loss C, ∂C/∂params (structured like
@@ -68,7 +69,7 @@ def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, 
     ``(B, out)``. For a model that keeps state ``value`` is ``(C, new_state)``.
     """
     _check(model, loss)
-    out, cache, new_state = run(model, params, x, key=key, train=train, state=state)
+    out, cache, new_state = run(model, params, x, key=key, train=train, state=state, side=side)
     value = loss.value(out, y, weights)
     if model.stateful:
         value = (value, new_state)
@@ -85,28 +86,30 @@ def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, 
 
 
 def manual_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> (C,
-    ∂C/∂params)`` by the hand-written backward pass (``((C, new_state), ∂C/∂params)`` for a
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None, side=None) ->
+    (C, ∂C/∂params)`` by the hand-written backward pass (``((C, new_state), ∂C/∂params)`` for a
     model that keeps state)."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None):
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None,
+                       side=None):
         value, grads, _ = backprop(model, loss, params, x, y, weights=weights, key=key,
-                                   train=train, state=state)
+                                   train=train, state=state, side=side)
         return value, grads
 
     return value_and_grad
 
 
 def autodiff_value_and_grad(model: Layer, loss: Loss) -> GradFn:
-    """``f(params, x, y, *, weights=None, key=None, train=False, state=None) -> (C,
-    ∂C/∂params)`` by ``jax.value_and_grad`` of the forward (``((C, new_state), ∂C/∂params)``
+    """``f(params, x, y, *, weights=None, key=None, train=False, state=None, side=None) ->
+    (C, ∂C/∂params)`` by ``jax.value_and_grad`` of the forward (``((C, new_state), ∂C/∂params)``
     for a model that keeps state)."""
     _check(model, loss)
 
-    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None):
+    def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None,
+                       side=None):
         def cost(p):
-            out, _, new_state = run(model, p, x, key=key, train=train, state=state)
+            out, _, new_state = run(model, p, x, key=key, train=train, state=state, side=side)
             return loss.value(out, y, weights), new_state
 
         (value, new_state), grads = jax.value_and_grad(cost, has_aux=True)(params)

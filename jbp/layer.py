@@ -36,6 +36,11 @@ its state mirrors its params (``{}`` for a child without state), :func:`composit
 gives it the right forward, :func:`composite_init_state` its ``init_state``. A model
 without stateful layers keeps every signature above; :func:`run` calls any layer alike.
 
+**Side inputs** (a padded batch's ``lengths``, attention masks: :mod:`jbp.masks`) reach
+the layers that declare them in ``side_inputs``; their forward takes one keyword more,
+``side`` (a dict of those names). Composites list their children's, take ``side`` and hand
+every child its part, as they thread state; no other layer sees them.
+
 **Per-example quantities** need a declaration (``per_example``): ``EXAMPLEWISE`` for a
 layer without parameters that maps every example on its own (activations, dropout, serial),
 or a :class:`PerExampleRule` for a layer with parameters. ``None`` (the default): the
@@ -55,6 +60,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jbp import masks
 
 Params = Any
 Shape = tuple[int, ...]
@@ -107,6 +114,8 @@ class Layer:
       per_example: ``EXAMPLEWISE``, a :class:`PerExampleRule`, or None (not declared).
       init_state: ``(in_shape) -> state`` for a layer that keeps state (see the module
         docstring), else None.
+      side_inputs: the names of the side inputs (:mod:`jbp.masks`) the forward reads from
+        its ``side`` keyword; a composite's include every child's.
       spec: set by :func:`constructor`: what built the layer, for ``==``, ``hash``, ``repr``.
     """
 
@@ -118,6 +127,7 @@ class Layer:
     walk: Callable | None = None
     per_example: Any = None
     init_state: Callable | None = None
+    side_inputs: tuple = ()
     spec: Any = None
 
     def __post_init__(self):
@@ -135,6 +145,12 @@ class Layer:
             raise TypeError(f"Layer {self.name!r}: per_example must be None, EXAMPLEWISE or a "
                             f"PerExampleRule, got {self.per_example!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
+        unknown = set(self.side_inputs) - set(masks.SIDE_INPUTS)
+        if isinstance(self.side_inputs, str) or unknown:
+            raise TypeError(f"Layer {self.name!r}: side_inputs must be a tuple of names from "
+                            f"{list(masks.SIDE_INPUTS)}, got {self.side_inputs!r}")
+        read = set(self.side_inputs).union(*(c.side_inputs for c in self.layers))
+        object.__setattr__(self, "side_inputs", tuple(sorted(read)))
         keeping = [c.name for c in self.layers if c.stateful]
         if keeping and self.init_state is None:
             raise TypeError(f"Layer {self.name!r}: its child {keeping[0]} keeps state, so the "
@@ -149,10 +165,10 @@ class Layer:
         return self.init_state is not None
 
     def apply(self, params: Params, x: jax.Array, *, key=None, train: bool = False,
-              state=None):
+              state=None, side=None):
         """The layer as a plain function of ``params`` and ``x``: ``forward(...)[0]``; for a
         layer that keeps state ``(y, new_state)``."""
-        y, _, new_state = run(self, params, x, key=key, train=train, state=state)
+        y, _, new_state = run(self, params, x, key=key, train=train, state=state, side=side)
         return (y, new_state) if self.stateful else y
 
     def replace(self, **changes) -> "Layer":
@@ -163,7 +179,7 @@ class Layer:
         if self.spec is not None:
             return self.spec.key
         return (self.name, self.init, self.forward, self.backward, self.layers, self.walk,
-                self.per_example, self.init_state)
+                self.per_example, self.init_state, self.side_inputs)
 
     def __eq__(self, other):
         if not isinstance(other, Layer):
@@ -213,18 +229,21 @@ def check_state(layer: Layer, state) -> None:
                         f"that the last training step returned")
 
 
-def run(layer: Layer, params, x, *, key=None, train=False, state=None):
+def run(layer: Layer, params, x, *, key=None, train=False, state=None, side=None):
     """Any layer's forward as ``(y, cache, new_state)``; a layer without state gives back
-    the ``state`` it got (None or ``{}``). A NumPy input becomes a JAX array first (NumPy's
+    the ``state`` it got (None or ``{}``). ``side``: the side inputs (:mod:`jbp.masks`),
+    given to a layer that reads them. A NumPy input becomes a JAX array first (NumPy's
     float64 is then JAX's default float, not a dtype that layers would ask for by name)."""
     check_train(train, layer.name)
     check_state(layer, state)
+    masks.check_side(layer, side)
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
+    extra = {"side": side or {}} if layer.side_inputs else {}
     if not layer.stateful:
-        y, cache = layer.forward(params, x, key=key, train=train)
+        y, cache = layer.forward(params, x, key=key, train=train, **extra)
         return y, cache, state
-    return layer.forward(params, x, key=key, train=train, state=state)
+    return layer.forward(params, x, key=key, train=train, state=state, **extra)
 
 
 def out_shape(layer: Layer, in_shape) -> Shape:
@@ -248,25 +267,27 @@ def composite_init_state(children, in_shapes):
 
 
 def composite_forward(run_children, children, who: str):
-    """The forward of a composite, from ``run_children(params, x, key, train, state) -> (y,
-    cache, new_state)`` (``state``: a tuple, one entry per child, as
-    :func:`composite_init_state` builds it): with a ``state`` keyword if a child keeps state,
-    else the plain ``(y, cache)`` forward (the children then get ``{}``)."""
+    """The forward of a composite, from ``run_children(params, x, key, train, state, side)
+    -> (y, cache, new_state)`` (``state``: a tuple, one entry per child, as
+    :func:`composite_init_state` builds it; ``side``: the side inputs, which the children
+    take through :func:`run` with :func:`jbp.masks.side_for`): with a ``state`` keyword if
+    a child keeps state, else the plain ``(y, cache)`` forward (the children then get
+    ``{}``). Either takes ``side``."""
     n = len(children)
 
     if not any(c.stateful for c in children):
-        def forward(params, x, *, key=None, train=False):
-            return run_children(params, x, key, train, ({},) * n)[:2]
+        def forward(params, x, *, key=None, train=False, side=None):
+            return run_children(params, x, key, train, ({},) * n, side)[:2]
 
         return forward
 
-    def forward(params, x, *, key=None, train=False, state=None):
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         if not isinstance(state, (tuple, list)) or len(state) != n:
             got = (f"a {type(state).__name__} of length {len(state)}"
                    if isinstance(state, (tuple, list)) else type(state).__name__)
             raise ValueError(f"{who}: state must be a tuple with one entry per child ({n}), "
                              f"got {got}; is it the state of another model?")
-        y, cache, new_state = run_children(params, x, key, train, tuple(state))
+        y, cache, new_state = run_children(params, x, key, train, tuple(state), side)
         return y, cache, tuple(new_state)
 
     return forward

@@ -79,9 +79,9 @@ def _check(model, loss, who: str) -> None:
                         f"per_example(out, target) -> (B,); got {type(loss).__name__}")
 
 
-def _forward(model: Layer, loss: Loss, params, x, y, key, train, state, who: str):
+def _forward(model: Layer, loss: Loss, params, x, y, key, train, state, side, who: str):
     """Forward pass and the per-example output cotangent (row i: ∂ℓ_i/∂out_i)."""
-    out, cache, _ = run(model, params, x, key=key, train=train, state=state)
+    out, cache, _ = run(model, params, x, key=key, train=train, state=state, side=side)
     batch = out.shape[0]
     per_example = jax.eval_shape(loss.per_example, out, y)
     if per_example.shape != (batch,):
@@ -111,7 +111,7 @@ def _norms(model, params, cache, dout, who):
 
 
 def per_example_grads(model: Layer, loss: Loss):
-    """``f(params, x, y, *, key=None, train=False, state=None) -> grads``: ∇ℓ_i, the gradient of example i's own loss.
+    """``f(params, x, y, *, key=None, train=False, state=None, side=None) -> grads``: ∇ℓ_i, the gradient of example i's own loss.
 
     Every leaf has shape ``(B, *param_leaf.shape)``; the mean over axis 0 is the batch
     gradient ∂C/∂params (so ∇ℓ_i is *not* scaled by 1/B). ``key`` and ``train`` go to the
@@ -120,8 +120,8 @@ def per_example_grads(model: Layer, loss: Loss):
     who = "per_example_grads"
     _check(model, loss, who)
 
-    def grads(params, x, y, *, key=None, train=False, state=None):
-        cache, dout = _forward(model, loss, params, x, y, key, train, state, who)
+    def grads(params, x, y, *, key=None, train=False, state=None, side=None):
+        cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
         return like_params(trace(model, params, cache, dout, lambda rule, c, d: rule.grads(c, d), who),
                            params)
 
@@ -129,22 +129,22 @@ def per_example_grads(model: Layer, loss: Loss):
 
 
 def per_example_grad_norms(model: Layer, loss: Loss):
-    """``f(params, x, y, *, key=None, train=False, state=None) -> (B,)``: ‖∇ℓ_i‖₂ over all parameters, per example.
+    """``f(params, x, y, *, key=None, train=False, state=None, side=None) -> (B,)``: ‖∇ℓ_i‖₂ over all parameters, per example.
 
     Never forms ∇ℓ_i: a dense layer contributes ‖a_i‖²·‖δ_i‖² + ‖δ_i‖².
     """
     who = "per_example_grad_norms"
     _check(model, loss, who)
 
-    def norms(params, x, y, *, key=None, train=False, state=None):
-        cache, dout = _forward(model, loss, params, x, y, key, train, state, who)
+    def norms(params, x, y, *, key=None, train=False, state=None, side=None):
+        cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
         return _norms(model, params, cache, dout, who)
 
     return norms
 
 
 def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
-    """``f(params, x, y, *, key=None, train=False, state=None) -> (mean, variance)``, both shaped like ``params``.
+    """``f(params, x, y, *, key=None, train=False, state=None, side=None) -> (mean, variance)``, both shaped like ``params``.
 
     ``mean`` is the batch gradient (1/B) Σ_i ∇ℓ_i; ``variance`` is, per parameter,
     Σ_i (∇ℓ_i − mean)² / (B − ddof), the deviations taken before squaring (a one-pass
@@ -163,8 +163,8 @@ def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
         return jax.tree_util.tree_map(lambda leaf: jnp.sum((leaf - jnp.mean(leaf, axis=0)) ** 2,
                                                            axis=0), g)
 
-    def variance(params, x, y, *, key=None, train=False, state=None):
-        cache, dout = _forward(model, loss, params, x, y, key, train, state, who)
+    def variance(params, x, y, *, key=None, train=False, state=None, side=None):
+        cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
         batch = dout.shape[0]
         if batch <= ddof:
             raise ValueError(f"{who}: needs a batch larger than ddof={ddof}, got {batch}")
@@ -177,7 +177,7 @@ def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
 
 
 def clipped_grad_mean(model: Layer, loss: Loss, l2_norm_clip: float):
-    """``f(params, x, y, *, key=None, train=False, state=None) -> (grads, norms)``: the DP-SGD gradient before noise.
+    """``f(params, x, y, *, key=None, train=False, state=None, side=None) -> (grads, norms)``: the DP-SGD gradient before noise.
 
     ``grads = (1/B) Σ_i ∇ℓ_i · min(1, l2_norm_clip/‖∇ℓ_i‖)``, shaped like ``params``;
     ``norms (B,)`` are the unclipped ‖∇ℓ_i‖. Two backward passes: one for the norms, one
@@ -189,8 +189,8 @@ def clipped_grad_mean(model: Layer, loss: Loss, l2_norm_clip: float):
     if not l2_norm_clip > 0:
         raise ValueError(f"{who}: l2_norm_clip must be positive, got {l2_norm_clip!r}")
 
-    def clipped(params, x, y, *, key=None, train=False, state=None):
-        cache, dout = _forward(model, loss, params, x, y, key, train, state, who)
+    def clipped(params, x, y, *, key=None, train=False, state=None, side=None):
+        cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
         norms = _norms(model, params, cache, dout, who)
         factor = 1.0 / jnp.maximum(1.0, norms / l2_norm_clip)
         batch = dout.shape[0]

@@ -71,6 +71,13 @@ values are padded with zeros to a multiple of ``block`` and the padded keys are 
 (score −∞, probability 0); with ``causal=True`` key ``t'`` is masked for query ``t < t'``.
 Every query row sees key 0 in the first block, so the running max is finite after it.
 
+**Side inputs** (:mod:`jbp.masks`): ``lengths`` or ``key_mask`` mask padded keys,
+``attention_mask`` any (query, key) pair; each is cut into key blocks with the keys (a
+``(B, block)`` or ``(B, H, T, block)`` slice per step), so a padding mask forms no (T, T)
+array. A row can then lose every key: its running max stays −∞, which is read as 0 in
+``exp(s − m)`` (so ``p = 0``, not NaN), its ``l`` stays 0 and its output is 0; the backward
+recomputes ``p = 0`` for it, so its gradients are 0 too. The masks ride in the cache.
+
 Shapes: ``x (B, T, d_model) -> y (B, T, d_model)``. Params: one entry per projection, as a
 dense layer's, ``{"q", "v": {"W": (d_model, H·Dh), "b": (H·Dh,)}, "k": {"W": (d_model, H·Dh)},
 "o": {"W": (H·Dh, d_model), "b": (d_model,)}}``; ``y = concat_heads(o) @ W_o + b_o``. The keys
@@ -85,6 +92,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbp import masks
 from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
@@ -113,29 +121,55 @@ def _from_blocks(a, t: int):
     return a.transpose(1, 2, 0, 3, 4).reshape(b, h, n * block, dh)[:, :, :t]
 
 
-def _scores(q, k_j, j, block: int, t: int, causal: bool):
-    """``s_j = c · q k_jᵀ (B, H, T, block)`` with masked keys at −∞, for key block ``j``."""
+def _mask_blocks(mask, block: int, n_blocks: int):
+    """A mask ``(..., T_k)``, padded with False to ``n_blocks·block`` keys, as
+    ``(n_blocks, ..., block)``; None stays None."""
+    if mask is None:
+        return None
+    pad = [(0, 0)] * (mask.ndim - 1) + [(0, n_blocks * block - mask.shape[-1])]
+    mask = jnp.pad(mask, pad).reshape(*mask.shape[:-1], n_blocks, block)
+    return jnp.moveaxis(mask, -2, 0)
+
+
+def _scores(q, k_j, j, block: int, t: int, causal: bool, key_mask_j=None, mask_j=None):
+    """``s_j = c · q k_jᵀ (B, H, T, block)`` with masked keys at −∞, for key block ``j``;
+    ``key_mask_j (B, block)`` and ``mask_j (B, 1 or H, T, block)``: the side inputs' blocks."""
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k_j) / math.sqrt(q.shape[-1])
     key_pos = j * block + jnp.arange(block)
     keep = key_pos[None, :] < t                                      # not padding
     if causal:
         keep = keep & (key_pos[None, :] <= jnp.arange(t)[:, None])   # no key after the query
+    if key_mask_j is not None:
+        keep = keep & key_mask_j[:, None, None, :]                   # a real key
+    if mask_j is not None:
+        keep = keep & mask_j
     return jnp.where(keep, s, -jnp.inf)
 
 
-def attention_core(q, k, v, *, causal: bool, block: int):
+def _finite_max(m):
+    """``m`` with the max of a row that has seen no key yet (−∞) taken as 0, so that
+    ``exp(s − m)`` is 0 there rather than NaN (only where a mask can empty a row)."""
+    return jnp.where(m == -jnp.inf, 0, m)
+
+
+def attention_core(q, k, v, *, causal: bool, block: int, key_mask=None, mask=None):
     """``q, k, v (B, H, T, Dh) -> (o (B, H, T, Dh), m (B, H, T), l (B, H, T))`` by the online
-    softmax: per row the max score ``m`` and the normaliser ``l = Σ exp(s − m)``."""
+    softmax: per row the max score ``m`` and the normaliser ``l = Σ exp(s − m)``.
+    ``key_mask (B, T)``, ``mask (B, 1 or H, T, T)``: bool, False where a key is masked; a row
+    with every key masked gives ``o = 0`` (and ``m = −∞``, ``l = 0``)."""
     t = q.shape[2]
     block, n_blocks = _blocking(t, block)
+    masked = key_mask is not None or mask is not None
+    finite = _finite_max if masked else (lambda m: m)
 
     def step(carry, kv_j):
         m, l, acc = carry
-        k_j, v_j, j = kv_j
-        s = _scores(q, k_j, j, block, t, causal)
+        k_j, v_j, j, key_mask_j, mask_j = kv_j
+        s = _scores(q, k_j, j, block, t, causal, key_mask_j, mask_j)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)                                   # rescales what came before
-        p = jnp.exp(s - m_new[..., None])
+        m_use = finite(m_new)
+        alpha = jnp.exp(m - m_use)                                   # rescales what came before
+        p = jnp.exp(s - m_use[..., None])
         l = alpha * l + jnp.sum(p, axis=-1)
         acc = alpha[..., None] * acc + jnp.einsum("bhqk,bhkd->bhqd", p, v_j)
         return (m_new, l, acc), None
@@ -143,24 +177,31 @@ def attention_core(q, k, v, *, causal: bool, block: int):
     rows = q.shape[:3]
     carry = (jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype), jnp.zeros_like(q))
     blocks = (_key_blocks(k, block, n_blocks), _key_blocks(v, block, n_blocks),
-              jnp.arange(n_blocks))
+              jnp.arange(n_blocks), _mask_blocks(key_mask, block, n_blocks),
+              _mask_blocks(mask, block, n_blocks))
     (m, l, acc), _ = lax.scan(step, carry, blocks)
+    if masked:
+        return acc / jnp.where(l == 0, 1, l)[..., None], m, l
     return acc / l[..., None], m, l
 
 
-def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int):
+def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int, key_mask=None,
+                            mask=None):
     """``do = ∂C/∂o (B, H, T, Dh) -> (dq, dk, dv)``, each ``(B, H, T, Dh)``; ``p`` recomputed
-    block by block from the rows' ``m`` and ``l``."""
+    block by block from the rows' ``m`` and ``l`` (a row with every key masked: p = 0)."""
     t = q.shape[2]
     block, n_blocks = _blocking(t, block)
     c = 1 / math.sqrt(q.shape[-1])
     D = jnp.sum(do * o, axis=-1, keepdims=True)                       # (B, H, T, 1)
+    if key_mask is not None or mask is not None:
+        m, l = _finite_max(m), jnp.where(l == 0, 1, l)  # an empty row's s − m stays −∞
     log_l = jnp.log(l)[..., None]
     one_hot = (l == 1)[..., None]  # rows whose softmax is one-hot to working precision
 
     def step(dq, kv_j):
-        k_j, v_j, j = kv_j
-        p = jnp.exp(_scores(q, k_j, j, block, t, causal) - m[..., None] - log_l)
+        k_j, v_j, j, key_mask_j, mask_j = kv_j
+        s = _scores(q, k_j, j, block, t, causal, key_mask_j, mask_j)
+        p = jnp.exp(s - m[..., None] - log_l)
         dv_j = jnp.einsum("bhqk,bhqd->bhkd", p, do)
         dp = jnp.einsum("bhqd,bhkd->bhqk", do, v_j)
         ds = jnp.where(one_hot, 0, p * (dp - D))
@@ -169,7 +210,8 @@ def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int):
         return dq, (dk_j, dv_j)
 
     blocks = (_key_blocks(k, block, n_blocks), _key_blocks(v, block, n_blocks),
-              jnp.arange(n_blocks))
+              jnp.arange(n_blocks), _mask_blocks(key_mask, block, n_blocks),
+              _mask_blocks(mask, block, n_blocks))
     dq, (dk, dv) = lax.scan(step, jnp.zeros_like(q), blocks)
     return dq, _from_blocks(dk, t), _from_blocks(dv, t)
 
@@ -198,6 +240,8 @@ class Cache(NamedTuple):
     m: jax.Array    # (B, H, T), each row's max score
     l: jax.Array    # (B, H, T), each row's Σ exp(s − m)
     W_o: jax.Array  # (H·Dh, d_model)
+    key_mask: jax.Array | None = None  # (B, T) bool, from the side inputs
+    mask: jax.Array | None = None      # (B, 1 or H, T, T) bool, the side input attention_mask
 
 
 def _inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
@@ -205,7 +249,8 @@ def _inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
     heads = cache.q.shape[1]
     do = split_heads(dy @ cache.W_o.T, heads)
     dq, dk, dv = attention_core_backward(cache.q, cache.k, cache.v, cache.o, cache.m, cache.l, do,
-                                         causal=causal, block=block)
+                                         causal=causal, block=block, key_mask=cache.key_mask,
+                                         mask=cache.mask)
     return {"q": (cache.x, merge_heads(dq)), "k": (cache.x, merge_heads(dk)),
             "v": (cache.x, merge_heads(dv)), "o": (merge_heads(cache.o), dy)}
 
@@ -234,6 +279,8 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
     Args:
       heads, head_dim: ``H`` heads of ``Dh`` features; scores are scaled by ``1/√Dh``.
       causal: mask every key after its query (a decoder's self-attention).
+        Side inputs ``lengths``, ``key_mask`` and ``attention_mask`` mask more
+        (:mod:`jbp.masks`; combined with ``causal`` by "and").
       block_size: keys per block of the online softmax (see the module docstring).
       dtype: of the params. The q, k, v weights ~ N(0, 1/d_model), the output weight
         ~ N(0, 1/(H·Dh)) (LeCun, as dense), biases zero.
@@ -284,7 +331,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
                                  f"heads·head_dim {width}), got {got[name]}")
         return d
 
-    def forward(params, x, *, key=None, train=False):
+    def forward(params, x, *, key=None, train=False, side=None):
         d = check_params(params)
         check_array(x, who)
         if x.ndim != 3 or x.shape[-1] != d:
@@ -293,12 +340,16 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         if x.shape[1] == 0:
             raise ValueError(f"{who}: expected at least one position, got T = 0 in "
                              f"{tuple(x.shape)}")
+        b, t = x.shape[:2]
+        key_mask = masks.key_mask_of(side, b, t, who)
+        mask = masks.attention_mask_of(side, b, heads, t, t, who)
         q = split_heads(x @ params["q"]["W"] + params["q"]["b"], heads)
         k = split_heads(x @ params["k"]["W"], heads)
         v = split_heads(x @ params["v"]["W"] + params["v"]["b"], heads)
-        o, m, l = attention_core(q, k, v, causal=causal, block=block_size)
+        o, m, l = attention_core(q, k, v, causal=causal, block=block_size, key_mask=key_mask,
+                                 mask=mask)
         y = merge_heads(o) @ params["o"]["W"] + params["o"]["b"]
-        return y, Cache(x, q, k, v, o, m, l, params["o"]["W"])
+        return y, Cache(x, q, k, v, o, m, l, params["o"]["W"], key_mask, mask)
 
     def backward(params, cache, dy):
         pairs = _inputs_and_deltas(cache, dy, causal, block_size)
@@ -311,4 +362,5 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         dx = sum(pairs[n][1] @ params[n]["W"].T for n in "qkv")  # x feeds q, k and v
         return grads, cast_like(dx, cache.x)
 
-    return Layer(who, init, forward, backward, per_example=_rule(causal, block_size))
+    return Layer(who, init, forward, backward, per_example=_rule(causal, block_size),
+                 side_inputs=masks.SIDE_INPUTS)

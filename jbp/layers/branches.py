@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
                        constructor, run)
 from jbp.layers.serial import noting_position
+from jbp.masks import side_for
 
 COMBINE = ("sum", "concat")
 
@@ -45,21 +46,18 @@ def residual(block: Layer) -> Layer:
                              f"identity path adds x to its output), but it gives {tuple(out_shape)}")
         return shape, params
 
-    def forward_with_state(params, x, *, key=None, train=False, state=None):
-        y, cache, new_state = run(block, params, x, key=key, train=train, state=state)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        y, cache, new_state = run(block, params, x, key=key, train=train, state=state, side=side)
         if y.shape != x.shape:
             raise ValueError(f"{name}: the block maps {tuple(x.shape)} to {tuple(y.shape)}; "
                              f"x + block(x) needs the shapes equal")
-        return x + y, cache, new_state
-
-    def forward(params, x, *, key=None, train=False):
-        return forward_with_state(params, x, key=key, train=train)[:2]
+        return (x + y, cache, new_state) if block.stateful else (x + y, cache)
 
     def walk(params, cache, dy, visit):
         result, dx_block = visit(block, params, cache, dy)
         return result, dy + dx_block  # the identity path's delta plus the block's
 
-    return Layer(name, init, forward_with_state if block.stateful else forward, layers=(block,),
+    return Layer(name, init, forward, layers=(block,),
                  walk=walk, per_example=EXAMPLEWISE, init_state=block.init_state)  # the block's state, as its params
 
 
@@ -94,13 +92,14 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
             raise TypeError(f"{name}: params must be a tuple with one entry per branch ({n}), "
                             f"got {type(params).__name__}")
 
-    def run_branches(params, x, key, train, state):
+    def run_branches(params, x, key, train, state, side):
         check_params(params)
         keys = jax.random.split(key, n) if key is not None else [None] * n
         ys, caches, new_state = [], [], []
         for i, branch in enumerate(branches):
             with noting_position(i, branch, name, "forward"):
-                y, cache, s = run(branch, params[i], x, key=keys[i], train=train, state=state[i])
+                y, cache, s = run(branch, params[i], x, key=keys[i], train=train, state=state[i],
+                                  side=side_for(branch, side))
             ys.append(y)
             caches.append(cache)
             new_state.append(s)

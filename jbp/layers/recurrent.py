@@ -31,6 +31,13 @@ state starts at zero. ``reverse=True`` runs from the last step to the first, and
 aligned with x: y_t is the state after reading x_{T−1}, ..., x_t (so the last step run,
 and the output of ``return_sequences=False``, has read the whole sequence back to x_0).
 
+Lengths (the side input ``lengths``, :mod:`jbp.masks`): a step past example i's length is
+padding. It keeps the state (``h_t = h_{t−1}``, the cell's result dropped), and its output
+is 0, so the state after the last step run is the state at the last real step, and a
+reversed run starts at each example's last real step. BPTT mirrors it: at a padding step
+δz_t = 0 and ∂C/∂h_{t−1} = ∂C/∂h_t, so no gradient reaches the padding's inputs or flows
+through the cell there.
+
 Cache (:class:`_Cache`): ``x``; the initial state; the state after every step (h, and c
 for LSTM) and the gate activations the cell's derivative needs (GRU: r, u, n and
 h_{t−1} W_hn + b_hn; LSTM: i, f, g, o), time-major in the order the steps ran; and a
@@ -49,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jbp import masks
 from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
                        param_dtype, positive_int)
@@ -86,24 +94,32 @@ def _batch_major(a, reverse):
 
 def _bptt(opts, params, cache, dy):
     """The reverse scan: ``(δzx (T, B, G·H), ∂C/∂state_{−1}, ∂C/∂h_t (T, B, H))``, time-major
-    in the order the steps ran; row i of each depends on row i of ``dy`` alone."""
-    state0, states, saved = cache.state0, cache.states, cache.saved
+    in the order the steps ran; row i of each depends on row i of ``dy`` alone. A padding
+    step (``cache.real`` False) kept the state as it was: its δzx is 0 and ∂C/∂state passes
+    through it unchanged."""
+    state0, states, saved, real = cache.state0, cache.states, cache.saved, cache.real
     cell = opts.cell
     prev = tuple(jnp.concatenate([s0[None], s[:-1]]) for s0, s in zip(state0, states))
     dtype = jnp.result_type(dy, states[0])
     zeros = jnp.zeros(state0[0].shape, dtype)
     if opts.return_sequences:
         dys, dstate = _time_major(dy.astype(dtype), opts.reverse), (zeros,) * cell.n_states
+        if real is not None:
+            dys = jnp.where(real, dys, 0)  # a padding step's output is a constant 0
     else:  # only the last state is an output: ∂C/∂h_{T−1} = dy starts the scan
         dys, dstate = None, (dy.astype(dtype),) + (zeros,) * (cell.n_states - 1)
 
     def step(dstate, inputs):
-        dy_t, saved_t, state_t, prev_t = inputs
+        dy_t, saved_t, state_t, prev_t, real_t = inputs
         dh = dstate[0] if dy_t is None else dstate[0] + dy_t  # from step t+1 and output t
-        dzx, dprev = cell.back(params, saved_t, state_t, prev_t, (dh,) + dstate[1:])
+        dstate = (dh,) + dstate[1:]
+        dzx, dprev = cell.back(params, saved_t, state_t, prev_t, dstate)
+        if real_t is not None:
+            dzx = jnp.where(real_t, dzx, 0)
+            dprev = tuple(jnp.where(real_t, a, b) for a, b in zip(dprev, dstate))
         return dprev, (dzx, dh)
 
-    dstate0, (dzx, dh) = lax.scan(step, dstate, (dys, saved, states, prev), reverse=True)
+    dstate0, (dzx, dh) = lax.scan(step, dstate, (dys, saved, states, prev, real), reverse=True)
     return dzx, dstate0, dh, prev[0]
 
 
@@ -113,9 +129,10 @@ class _Cache(NamedTuple):
     states: tuple  # every step's state, (T, B, H) each, time-major in the order run
     saved: object  # the cell's gate activations, (T, B, ·)
     params: dict  # the params (no copy): the per-example rule receives only the cache
+    real: jax.Array | None  # (T, B, 1) bool in run order, False at padding; None: no lengths
 
 
-def _forward(opts, params, x, who):
+def _forward(opts, params, x, who, side):
     check_array(x, who)
     W_x, W_h, H = params["W_x"], params["W_h"], opts.hidden
     if x.ndim != 3 or x.shape[-1] != W_x.shape[0]:
@@ -129,13 +146,24 @@ def _forward(opts, params, x, who):
     state0 = tuple(jnp.broadcast_to(params[k], (x.shape[0], H)).astype(dtype) for k in start) \
         or (jnp.zeros((x.shape[0], H), dtype),) * opts.cell.n_states
 
-    def step(state, zx_t):
-        state, saved = opts.cell.step(params, zx_t, state)
-        return state, (state, saved)
+    lengths = masks.lengths_of(side, x.shape[0], x.shape[1], who)
+    real = None if lengths is None else _time_major(
+        masks.positions(lengths, x.shape[1])[..., None], opts.reverse)
 
-    last, (states, saved) = lax.scan(step, state0, zx.astype(dtype))
-    y = _batch_major(states[0], opts.reverse) if opts.return_sequences else last[0]
-    return y, _Cache(x, state0, states, saved, params)
+    def step(state, inputs):
+        zx_t, real_t = inputs
+        new, saved = opts.cell.step(params, zx_t, state)
+        if real_t is not None:  # a padding step keeps the state
+            new = tuple(jnp.where(real_t, a, b) for a, b in zip(new, state))
+        return new, (new, saved)
+
+    last, (states, saved) = lax.scan(step, state0, (zx.astype(dtype), real))
+    if not opts.return_sequences:
+        y = last[0]
+    else:
+        y = _batch_major(states[0] if real is None else jnp.where(real, states[0], 0),
+                         opts.reverse)
+    return y, _Cache(x, state0, states, saved, params, real)
 
 
 def _grads(opts, params, cache, dy, *, per_example=False):
@@ -227,16 +255,16 @@ def _recurrent(opts: _Options) -> Layer:
             raise ValueError(f"{who}: expected params of shapes {', '.join(shown)}; got "
                              + ", ".join(f"{k} {shape}" for k, shape in got.items()))
 
-    def forward(params, x, *, key=None, train=False):
+    def forward(params, x, *, key=None, train=False, side=None):
         check_params(params)
-        return _forward(opts, params, x, who)
+        return _forward(opts, params, x, who, side)
 
     def backward(params, cache, dy):
         grads, dzx = _grads(opts, params, cache, dy)
         return grads, cast_like(dzx @ params["W_x"].T, cache.x)  # ∂C/∂x_t = δz_t W_xᵀ
 
     forward.recurrent = opts
-    return Layer(who, init, forward, backward, per_example=_rule(opts))
+    return Layer(who, init, forward, backward, per_example=_rule(opts), side_inputs=("lengths",))
 
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jbp.layers import activations
+from jbp.masks import side_for
 from jbp.layers.dense import dense
 from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
                        as_integer, constructor, out_shape, run)
@@ -60,13 +61,14 @@ def serial(*layers: Layer) -> Layer:
             raise TypeError(f"serial: params must be a tuple with one entry per layer ({n}), "
                             f"got {got}")
 
-    def run_children(params, x, key, train, state):
+    def run_children(params, x, key, train, state, side):
         check_params(params)
         keys = jax.random.split(key, n) if key is not None else [None] * n
         caches, new_state = [], []
         for i, layer in enumerate(layers):
             with noting_position(i, layer, name, "forward"):
-                x, cache, s = run(layer, params[i], x, key=keys[i], train=train, state=state[i])
+                x, cache, s = run(layer, params[i], x, key=keys[i], train=train, state=state[i],
+                                  side=side_for(layer, side))
             caches.append(cache)
             new_state.append(s)
         return x, tuple(caches), tuple(new_state)

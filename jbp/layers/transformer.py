@@ -129,7 +129,7 @@ def transformer_block(heads: int, head_dim: int, mlp_hidden: int, *, causal: boo
             raise ValueError(f"{who}: expects a per-example shape (T, d), got {shape}")
         return block(shape[1]).init(key, shape)
 
-    def forward(params, x, *, key=None, train=False):
+    def forward(params, x, *, key=None, train=False, side=None):
         check_array(x, who)
         if x.ndim != 3:
             raise ValueError(f"{who}: expected input of shape (B, T, d), got {tuple(x.shape)}")
@@ -141,9 +141,10 @@ def transformer_block(heads: int, head_dim: int, mlp_hidden: int, *, causal: boo
         if x.shape[-1] != d:
             raise ValueError(f"{who}: expected input of shape (B, T, {d}) (the width the params "
                              f"were built for), got {tuple(x.shape)}")
-        return block(d).forward(params, x, key=key, train=train)
+        return block(d).forward(params, x, key=key, train=train, side=side)
 
     def walk(params, cache, dy, visit):
         return block(dy.shape[-1]).walk(params, cache, dy, visit)
 
-    return Layer(who, init, forward, walk=walk, per_example=EXAMPLEWISE)
+    return Layer(who, init, forward, walk=walk, per_example=EXAMPLEWISE,
+                 side_inputs=attend.side_inputs)
