@@ -275,3 +275,50 @@ def load_mnist(folder, download: bool = False, *, checks: dict | None = None) ->
     x = {s: arrays[s, "images"].astype(np.float32) / 255.0 for s in ("train", "test")}
     y = {s: arrays[s, "labels"].astype(np.int32) for s in ("train", "test")}
     return Dataset(x["train"], y["train"], x["test"], y["test"])
+
+
+# ---------------------------------------------------------------------------- sequences
+
+def pad_sequences(sequences, *, length: int | None = None, value=0, dtype=None):
+    """A list of sequences of different lengths as one padded batch and its lengths.
+
+    Args:
+      sequences: N arrays ``(T_i, ...)`` (token ids ``(T_i,)``, features ``(T_i, F)``, or
+        label sequences), every ``T_i ≥ 1``, equal but for the first axis.
+      length: the padded length T (default: the longest ``T_i``); a longer sequence is an
+        error, not cut.
+      value: what fills the padding: 0 for inputs, ``jbp.losses.IGNORE_LABEL`` for label
+        sequences (so the loss leaves the padded positions out).
+      dtype: of the batch (default: the sequences' common dtype).
+
+    Returns ``(batch (N, T, ...), lengths (N,) int32)``: pass ``side={"lengths": lengths}``
+    to the model (:mod:`jbp.masks`). NumPy arrays, padding after each sequence.
+
+    >>> import numpy as np, jbp
+    >>> x, lengths = jbp.data.pad_sequences([np.array([5, 6, 7]), np.array([8])])
+    >>> x.tolist(), lengths.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [3, 1])
+    """
+    if isinstance(sequences, np.ndarray) or not hasattr(sequences, "__len__") \
+            or len(sequences) == 0:
+        raise ValueError("pad_sequences: sequences must be a non-empty list of arrays, one "
+                         "per sequence")
+    arrays = [np.asarray(s) for s in sequences]
+    for i, a in enumerate(arrays):
+        if a.ndim == 0 or len(a) == 0:
+            raise ValueError(f"pad_sequences: sequence {i} must have at least one step, got "
+                             f"shape {a.shape}")
+        if a.shape[1:] != arrays[0].shape[1:]:
+            raise ValueError(f"pad_sequences: every sequence must be shaped (T_i, "
+                             f"{', '.join(map(str, arrays[0].shape[1:]))}) like sequence 0 "
+                             f"{arrays[0].shape}; sequence {i} is {a.shape}")
+    lengths = np.array([len(a) for a in arrays], np.int32)
+    t = int(lengths.max()) if length is None else length
+    if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < lengths.max():
+        raise ValueError(f"pad_sequences: length must be an int ≥ the longest sequence "
+                         f"({lengths.max()}), got {length!r}")
+    dtype = np.result_type(*arrays) if dtype is None else dtype
+    batch = np.full((len(arrays), t) + arrays[0].shape[1:], value, dtype)
+    for i, a in enumerate(arrays):
+        batch[i, :len(a)] = a
+    return batch, lengths

@@ -79,7 +79,8 @@ def lengths_of(side, b: int, t: int, who: str):
         raise ValueError(f"{who}: side input 'lengths' must be ({b},) integers (one length "
                          f"per example), got {lengths.dtype}{list(lengths.shape)}")
     if not isinstance(lengths, jax.core.Tracer):
-        low, high = int(jnp.min(lengths)), int(jnp.max(lengths))
+        concrete = np.asarray(lengths)  # numpy: inside a trace, jnp would stage it
+        low, high = int(concrete.min()), int(concrete.max())
         if low < 1 or high > t:
             raise ValueError(f"{who}: side input 'lengths' must lie in [1, T] = [1, {t}], "
                              f"got values from {low} to {high}")

@@ -143,8 +143,9 @@ def _forward(opts, params, x, who, side):
     zx = _time_major(x @ W_x + params["b"], opts.reverse)  # every step's x_t W_x + b at once
     dtype = jnp.result_type(zx, W_h)
     start = ["h0", "c0"][:opts.cell.n_states] if opts.initial_state == "learned" else ()
-    state0 = tuple(jnp.broadcast_to(params[k], (x.shape[0], H)).astype(dtype) for k in start) \
-        or (jnp.zeros((x.shape[0], H), dtype),) * opts.cell.n_states
+    # zeros like a slice of zx: under shard_map they vary over the devices as the state will
+    zero = jnp.zeros_like(zx[0, :, :H], dtype=dtype)
+    state0 = tuple(zero + params[k].astype(dtype) for k in start) or (zero,) * opts.cell.n_states
 
     lengths = masks.lengths_of(side, x.shape[0], x.shape[1], who)
     real = None if lengths is None else _time_major(
