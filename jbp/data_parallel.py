@@ -303,7 +303,7 @@ class DataParallel:
     def __init__(self, model, loss, grad, optimizer, mesh: Mesh, shard: bool, x, y,
                  axis: str = DATA_AXIS):
         self.mesh, self.shard, self.axis = mesh, shard, axis
-        self.x, self.y = np.asarray(x), np.asarray(y)
+        self.x, self.y = jax.tree_util.tree_map(np.asarray, (x, y))
         args = (model, loss, grad, optimizer, mesh, shard, axis)
         try:
             self.step, self.epoch_fn = _compile_cached(*args)
@@ -342,12 +342,11 @@ class DataParallel:
         sharding = NamedSharding(self.mesh, spec)
         lo, hi = _local_rows(sharding, idx.shape[dim], dim)
         rows = idx[(slice(None),) * dim + (slice(lo, hi),)]
-        out = []
-        for data in (self.x, self.y):
-            local = data[rows]
-            shape = idx.shape + data.shape[1:]
-            out.append(jax.make_array_from_process_local_data(sharding, local, shape))
-        return out
+        def global_rows(data):
+            return jax.make_array_from_process_local_data(sharding, data[rows],
+                                                          idx.shape + data.shape[1:])
+
+        return jax.tree_util.tree_map(global_rows, (self.x, self.y))
 
     def _wait(self, result):
         return jax.block_until_ready(result) if self.block else result

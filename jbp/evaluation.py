@@ -15,6 +15,7 @@ import numpy as np
 
 from jbp.layer import Layer, run
 from jbp.losses import Loss
+from jbp.masks import split_side
 
 
 def make_evaluate(model: Layer, loss: Loss):
@@ -26,7 +27,8 @@ def make_evaluate(model: Layer, loss: Loss):
     """
 
     def evaluate(params, state, x, y):
-        out = run(model, params, x, train=False, state=state)[0]
+        x, side = split_side(x)
+        out = run(model, params, x, train=False, state=state, side=side)[0]
         losses = loss.per_example(out, y)
         correct = jnp.full(losses.shape, jnp.nan, jnp.float32)
         if out.ndim == 2 and y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer):
@@ -58,16 +60,22 @@ def check_split(model, loss, params, state, x, y, name):
     try:
         jax.eval_shape(make_evaluate(model, loss), params, state, x, y)
     except (TypeError, ValueError, IndexError) as err:
+        x = split_side(x)[0]
         raise ValueError(f"{name} (inputs {x.dtype}{list(x.shape)}, targets "
                          f"{y.dtype}{list(y.shape)}) does not fit the model and loss: "
                          f"{err}") from None
 
 
 def _stack(arrays, chunk):
-    """The rows of ``arrays`` one after another, zero-padded and shaped ``(K, chunk, ...)``."""
-    rows = jnp.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    rows = jnp.pad(rows, [(0, -len(rows) % chunk)] + [(0, 0)] * (rows.ndim - 1))
-    return rows.reshape(-1, chunk, *rows.shape[1:])
+    """The rows of ``arrays`` (arrays, or pytrees of them alike) one after another,
+    zero-padded and shaped ``(K, chunk, ...)``."""
+
+    def stack(*leaves):
+        rows = jnp.concatenate(leaves) if len(leaves) > 1 else leaves[0]
+        rows = jnp.pad(rows, [(0, -len(rows) % chunk)] + [(0, 0)] * (rows.ndim - 1))
+        return rows.reshape(-1, chunk, *rows.shape[1:])
+
+    return jax.tree_util.tree_map(stack, *arrays)
 
 
 def make_evaluator(evaluate_chunks, splits, eval_batch_size):
@@ -78,11 +86,14 @@ def make_evaluator(evaluate_chunks, splits, eval_batch_size):
     compiles once; the padding rows of the last chunk are dropped before the means.
     """
     names = list(splits)
-    alike = all(a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
-                for name in names for a, b in zip(splits[names[0]], splits[name]))
+    leaves = {name: jax.tree_util.tree_leaves(splits[name]) for name in names}
+    alike = all(jax.tree_util.tree_structure(splits[name]) == jax.tree_util.tree_structure(
+        splits[names[0]]) and all(a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
+                                  for a, b in zip(leaves[names[0]], leaves[name]))
+        for name in names)
     plans = []
     for group in [names] if alike else [[name] for name in names]:
-        sizes = [len(splits[name][0]) for name in group]
+        sizes = [len(splits[name][1]) for name in group]
         chunk = min(eval_batch_size, sum(sizes))
         xs, ys = (_stack([splits[name][i] for name in group], chunk) for i in (0, 1))
         ends = np.cumsum(sizes)

@@ -26,6 +26,7 @@ positions (a strided convolution, pooling) makes them wrong for the layers after
 """
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,3 +119,22 @@ def attention_mask_of(side, b: int, h: int, t_q: int, t_k: int, who: str):
                          f"({b}, {t_q}, {t_k}) or ({b}, {h}, {t_q}, {t_k}), got "
                          f"{mask.dtype}{list(mask.shape)}")
     return mask[:, None] if mask.ndim == 3 else mask
+
+
+class WithSide(NamedTuple):
+    """An input batch and its side inputs as one pytree, so that code which slices, shards
+    or stacks the rows of ``x`` (``fit``'s batches, its evaluation chunks, the data-parallel
+    split) does the same to the side inputs' rows."""
+
+    x: Any
+    side: dict
+
+
+def split_side(x):
+    """``(x, side)`` from a :class:`WithSide`, ``(x, None)`` from a plain array."""
+    return (x.x, x.side or None) if isinstance(x, WithSide) else (x, None)
+
+
+def rows(tree, idx):
+    """``tree`` (an array or a :class:`WithSide`) at rows ``idx`` of every leaf."""
+    return jax.tree_util.tree_map(lambda a: a[idx], tree)

@@ -38,6 +38,7 @@ from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
 from jbp.layer import Layer, check_state
 from jbp.losses import Loss
+from jbp.masks import WithSide, rows, split_side
 
 OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
 DEFAULT_LEARNING_RATE = 1e-3
@@ -118,7 +119,9 @@ def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
         value_and_grad = GRADS[grad](model, loss)
 
         def grad_fn(params, state, x, y, key):
-            value, grads = value_and_grad(params, x, y, key=key, train=True, state=state)
+            x, side = split_side(x)
+            value, grads = value_and_grad(params, x, y, key=key, train=True, state=state,
+                                          side=side)
             value, state = value if model.stateful else (value, state)
             return value, state, grads
 
@@ -130,7 +133,8 @@ def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
                              f"grad='manual' or 'autodiff'")
 
         def user_grad_fn(params, state, x, y, key):
-            value, grads = grad(params, x, y)
+            x, side = split_side(x)
+            value, grads = grad(params, x, y, **({"side": side} if side else {}))
             return value, state, grads
 
         return user_grad_fn
@@ -159,25 +163,44 @@ def _as_key(key):
 
 
 def _split_data(data, name):
-    """``(x, y)`` as arrays, with as many inputs as targets."""
+    """``(x, y)`` as arrays, with as many inputs as targets; for ``(x, y, side)`` the ``x``
+    is a :class:`jbp.masks.WithSide` of the inputs and the side inputs' arrays."""
     if isinstance(data, Dataset):
         data = (data.x_train, data.y_train)
     try:
-        x, y = data
+        x, y, *side = data
+        if len(side) > 1:
+            raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"fit: {name} must be a jbp.data.Dataset or a pair (x, y)") from None
+        raise ValueError(f"fit: {name} must be a jbp.data.Dataset, a pair (x, y) or a "
+                         f"triple (x, y, side) with side a dict of side inputs, e.g. "
+                         f"{{'lengths': lengths}}") from None
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ValueError(f"fit: {name} has inputs of shape {tuple(x.shape)} but targets of "
                          f"shape {tuple(y.shape)}; both need one row per example")
     if len(x) == 0:
         raise ValueError(f"fit: {name} has no examples")
-    return x, y
+    if not side or not side[0]:
+        return x, y
+    if not isinstance(side[0], dict):
+        raise ValueError(f"fit: the side inputs of {name} must be a dict, e.g. "
+                         f"{{'lengths': lengths}}, got {type(side[0]).__name__}")
+    side = {k: jnp.asarray(v) for k, v in side[0].items()}
+    for k, v in side.items():
+        if v.ndim == 0 or len(v) != len(x):
+            raise ValueError(f"fit: side input {k!r} of {name} has shape {tuple(v.shape)}; "
+                             f"it needs one row per example ({len(x)})")
+    return WithSide(x, side), y
 
 
 def _like(b, a):
     """``b`` in ``a``'s dtype when both are floating or both integer (e.g. float64 test
-    data beside float32 train data), else ``b`` as it is."""
+    data beside float32 train data), else ``b`` as it is; leaf by leaf for pytrees alike."""
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return b
+    if not hasattr(a, "dtype"):
+        return jax.tree_util.tree_map(_like, b, a)
     for kind in (jnp.floating, jnp.integer):
         if jnp.issubdtype(a.dtype, kind) and jnp.issubdtype(b.dtype, kind):
             return b.astype(a.dtype)
@@ -190,7 +213,7 @@ def make_update(grad_fn, optimizer):
     """One optimisation step on the batch ``x[idx], y[idx]`` (pure; jit or scan it)."""
 
     def update(params, opt_state, state, x, y, idx, key):
-        value, state, grads = grad_fn(params, state, x[idx], y[idx], key)
+        value, state, grads = grad_fn(params, state, rows(x, idx), y[idx], key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, value
 
@@ -335,7 +358,10 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       model, loss: a jbp Layer and Loss.
       params: initial params (from ``model.init``).
       data: a :class:`jbp.data.Dataset` (trains on its train split and, unless
-        ``eval_data`` is given, evaluates on its test split) or a pair ``(x (N, ...), y (N, ...))``.
+        ``eval_data`` is given, evaluates on its test split), a pair ``(x (N, ...), y (N,
+        ...))``, or a triple ``(x, y, side)`` whose ``side`` holds side inputs with a row
+        per example, e.g. ``{"lengths": (N,)}`` for padded sequences (:mod:`jbp.masks`;
+        each batch and evaluation chunk gets its rows).
       key: a PRNG key; it alone decides the shuffling and dropout masks.
       optimizer: ``None``/``"adam"`` (default), ``"sgd"`` (the lecture's plain gradient
         descent), or any optax ``GradientTransformation``.
@@ -347,7 +373,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       batch_size: examples per step, at most N.
       grad: ``"manual"`` (hand-written backward), ``"autodiff"`` (``jax.grad``) or a function
         ``(params, x, y) -> (loss, grads)``.
-      eval_data: ``(x, y)`` to evaluate on after every epoch (and before the first).
+      eval_data: ``(x, y)`` or ``(x, y, side)`` to evaluate on after every epoch (and
+        before the first).
       eval_batch_size: evaluation runs over chunks of this many rows (the numbers are the
         same for any size; a smaller one needs less memory).
       checkpoint_dir: save params, optimizer state, step, key and history there after
@@ -425,8 +452,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     if eval_data is not None:
         eval_x, eval_y = _split_data(eval_data, eval_name)
         check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
-        splits["test"] = (_like(eval_x, x), _like(eval_y, y))
-    n = len(x)
+        splits["test"] = (_like(eval_x, x), _like(eval_y, y))  # dtypes alike: one compile
+    n = len(y)
     if batch_size > n:
         raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
     shard_params = _bool(shard_params, "shard_params")

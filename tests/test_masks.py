@@ -369,3 +369,34 @@ def test_pad_sequences():
             jbp.data.pad_sequences(bad)
     with pytest.raises(ValueError, match="length must be an int ≥ the longest sequence"):
         jbp.data.pad_sequences([np.ones(3)], length=2)
+
+
+def test_fit_batches_the_side_inputs_with_the_rows():
+    """fit on (x, y, {"lengths": ...}): one SGD step on the whole data == params − lr · the
+    manual gradient with lengths; the evaluation before it == the loss with lengths; garbage
+    in the padding trains the same params; side rows that do not match are refused."""
+    with jax.enable_x64(True):
+        model = jbp.serial(jbp.gru(3, return_sequences=False, dtype=jnp.float64),
+                           jbp.dense(2, dtype=jnp.float64))
+        params = _params(model, (5, 2), jnp.float64)
+        rng = np.random.default_rng(9)
+        lengths = np.array([5, 2, 1, 4])
+        x = np.where(np.arange(5)[None, :, None] < lengths[:, None, None],
+                     rng.normal(size=(4, 5, 2)), 1e4)
+        y = np.array([0, 1, 1, 0])
+        side = {"lengths": lengths}
+
+        def fit(x):
+            return jbp.fit(model, CE, params, (x, y, side), key=jax.random.key(0), steps=1,
+                           batch_size=4, optimizer="sgd", learning_rate=0.5, progress=False, loop="python",
+                           eval_data=(x, y, side))
+
+        trained, history = fit(x)
+        value, grads = jit(jbp.manual_value_and_grad(model, CE))(
+            params, jnp.asarray(x), y, side={"lengths": jnp.asarray(lengths)})
+        want = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
+        assert rel_err(trained, want) <= 1e-12
+        assert abs(history["eval"][0]["test_loss"] - float(value)) <= 1e-12 * float(value)
+        assert rel_err(fit(np.where(x == 1e4, -3.0, x))[0], trained) <= 1e-12
+        with pytest.raises(ValueError, match=r"side input 'lengths' of data has shape \(3,\)"):
+            jbp.fit(model, CE, params, (x, y, {"lengths": lengths[:3]}), key=jax.random.key(0))

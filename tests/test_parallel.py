@@ -269,6 +269,26 @@ EIGHT = COMMON + textwrap.dedent("""
     got = fit(bn, bn_params, data, epochs=2, state=bn_state, mesh=mesh_of[4])[:2]
     out["batch_norm"] = rel(got, ref)
 
+    phase("6c. padded sequences")
+    # 6c. side inputs: a GRU on sequences padded to T = 5, its lengths split over the devices
+    #     with the rows (fit's batches; shard_map's in_specs), equal to one device
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 6, 32)
+    seq_x = np.where(np.arange(5)[None, :, None] < lengths[:, None, None],
+                     rng.normal(size=(32, 5, 2)), 0.0)
+    seq_y = (seq_x[:, :, 0].sum(1) > 0).astype(np.int32)
+    gru = jbp.serial(jbp.gru(4, return_sequences=False, dtype="float64"),
+                     jbp.dense(3, dtype="float64"))
+    gru_params = gru.init(jax.random.key(0), (5, 2))[1]
+    side = {"lengths": lengths}
+    ref, _ = fit(gru, gru_params, (seq_x, seq_y, side), epochs=2, batch_size=16)
+    got, _ = fit(gru, gru_params, (seq_x, seq_y, side), epochs=2, batch_size=16,
+                 mesh=mesh_of[4])
+    explicit = jbp.data_parallel_value_and_grad(gru, LOSS, mesh_of[4])(
+        gru_params, seq_x, seq_y, side=side)[1]
+    plain = jbp.manual_value_and_grad(gru, LOSS)(gru_params, seq_x, seq_y, side=side)[1]
+    out["sequences"] = {"fit": rel(got, ref), "explicit": rel(explicit, plain)}
+
     phase("7. errors")
     # 7. errors, and mesh="auto"
     model, params = model_and_params("float64")
@@ -416,6 +436,11 @@ def test_dropout_masks_do_not_depend_on_the_sharding(eight):
 
 def test_batch_norm_on_a_mesh_normalises_with_the_global_batch(eight):
     assert eight["batch_norm"] <= 1e-12
+
+
+def test_padded_sequences_on_a_mesh_train_as_on_one_device(eight):
+    assert eight["sequences"]["fit"] <= 1e-12
+    assert eight["sequences"]["explicit"] <= 1e-12
 
 
 def test_indivisible_batch_and_auto_mesh(eight):
