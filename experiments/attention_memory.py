@@ -13,6 +13,10 @@ all with the same params:
               recomputed in the backward, and autodiff's backward of the scan keeps what
               each key block's step needs (its probabilities), which adds up to (T, T)
 
+With ``--padding`` every example is padded: its length is drawn from [T/2, T] and the
+padded keys are masked in all three (the side input ``lengths`` for jbp's layer, a key
+mask on the full scores for the plain one), to compare the memory a padding mask costs.
+
 It checks that the three agree, reports XLA's temporary memory of each compiled gradient
 (``memory_analysis().temp_size_in_bytes``: the scratch a call needs beyond its arguments
 and outputs) and times them interleaved (median of the paired per-round ratios
@@ -47,8 +51,9 @@ TARGET = {"T": 2048, "memory_ratio_max": 1 / 8, "time_ratio_max": 0.75}
 NAMES = ("manual", "plain", "checkpoint")
 
 
-def plain_attention(params, x, heads, causal):
-    """Textbook multi-head attention with the same params: (B, H, T, T) scores, softmax."""
+def plain_attention(params, x, heads, causal, lengths=None):
+    """Textbook multi-head attention with the same params: (B, H, T, T) scores, softmax;
+    keys at or past ``lengths (B,)`` masked where given."""
     b, t, _ = x.shape
 
     def heads_of(a):
@@ -60,23 +65,30 @@ def plain_attention(params, x, heads, causal):
     s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
     if causal:
         s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    if lengths is not None:
+        s = jnp.where((jnp.arange(t) < lengths[:, None])[:, None, None, :], s, -jnp.inf)
     o = (jax.nn.softmax(s, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
     return o @ params["o"]["W"] + params["o"]["b"]
 
 
 def gradients(layer, heads, causal):
-    """The three ``(params, x, target) -> (loss, grads)`` functions."""
+    """The three ``(params, x, target, lengths) -> (loss, grads)`` functions (``lengths``:
+    (B,) or None, no padding)."""
 
-    def plain(params, x, target):
-        return jax.value_and_grad(lambda p: MSE.value(plain_attention(p, x, heads, causal),
-                                                      target))(params)
+    def manual(params, x, target, lengths):
+        side = None if lengths is None else {"lengths": lengths}
+        return jbp.manual_value_and_grad(layer, MSE)(params, x, target, side=side)
 
-    def checkpoint(params, x, target):
-        apply = jax.checkpoint(layer.apply)
-        return jax.value_and_grad(lambda p: MSE.value(apply(p, x), target))(params)
+    def plain(params, x, target, lengths):
+        return jax.value_and_grad(lambda p: MSE.value(
+            plain_attention(p, x, heads, causal, lengths), target))(params)
 
-    return {"manual": jbp.manual_value_and_grad(layer, MSE), "plain": plain,
-            "checkpoint": checkpoint}
+    def checkpoint(params, x, target, lengths):
+        side = None if lengths is None else {"lengths": lengths}
+        apply = jax.checkpoint(lambda p: layer.apply(p, x, side=side))
+        return jax.value_and_grad(lambda p: MSE.value(apply(p), target))(params)
+
+    return {"manual": manual, "plain": plain, "checkpoint": checkpoint}
 
 
 def max_rel_err(a, b) -> float:
@@ -85,7 +97,7 @@ def max_rel_err(a, b) -> float:
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def run_point(t, cfg, causal, seed) -> dict:
+def run_point(t, cfg, causal, seed, padding=False) -> dict:
     heads, head_dim, batch = cfg["heads"], cfg["head_dim"], cfg["batch"]
     d = heads * head_dim
     layer = jbp.attention(heads, head_dim, causal=causal, block_size=cfg["block_size"])
@@ -94,22 +106,24 @@ def run_point(t, cfg, causal, seed) -> dict:
     def draw(seed):
         k_init, k_x, k_y = jax.random.split(jax.random.fold_in(jax.random.key(seed), t), 3)
         return (layer.init(k_init, (t, d))[1], jax.random.normal(k_x, (batch, t, d)),
-                jax.random.normal(k_y, (batch, t, d)))
+                jax.random.normal(k_y, (batch, t, d)),
+                jax.random.randint(k_y, (batch,), (t + 1) // 2, t + 1))
 
-    params, x, target = draw(seed)
+    params, x, target, lengths = draw(seed)
+    args = (params, x, target, lengths if padding else None)
     point = {"T": t, "block_size": min(t, cfg["block_size"]),
              "n_blocks": -(-t // cfg["block_size"])}
     compiled, outs = {}, {}
     for name, f in gradients(layer, heads, causal).items():
-        compiled[name], seconds = bench.compile_timed(f, params, x, target)
-        outs[name] = jax.block_until_ready(compiled[name](params, x, target))
+        compiled[name], seconds = bench.compile_timed(f, *args)
+        outs[name] = jax.block_until_ready(compiled[name](*args))
         point[name] = {"compile_s": seconds, **bench.compiled_stats(compiled[name])}
     point["max_rel_err"] = {name: max_rel_err(outs[name], outs["plain"])
                             for name in ("manual", "checkpoint")}
-    one_round = sum(bench.time_call(lambda c=c: c(params, x, target)) for c in compiled.values())
+    one_round = sum(bench.time_call(lambda c=c: c(*args)) for c in compiled.values())
     repeats = bench.repeats_for(one_round, cfg["budget_s"], lo=3, hi=30)
     # checkpoint first, then the pair manual/plain, which swap places every other round
-    order = {name: (lambda c=compiled[name]: c(params, x, target))
+    order = {name: (lambda c=compiled[name]: c(*args))
              for name in ("checkpoint", "manual", "plain")}
     times = bench.interleaved_times(order, repeats, warmup=0, swap=[("manual", "plain")])
     for name in NAMES:
@@ -153,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--causal", action="store_true", help="causal (decoder) attention")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths T to sweep (default: 256 ... 4096; --quick: 20)")
+    parser.add_argument("--padding", action="store_true",
+                        help="pad every example (lengths from [T/2, T]) and mask the padding")
     parser.add_argument("--block-size", type=int, default=None,
                         help="keys per block (default: 128, the layer's default; --quick: 8)")
     args = parser.parse_args(argv)
@@ -163,7 +179,7 @@ def main(argv=None):
     if args.block_size:
         cfg["block_size"] = args.block_size
     start = time.perf_counter()
-    points = [run_point(t, cfg, args.causal, args.seed)
+    points = [run_point(t, cfg, args.causal, args.seed, args.padding)
               for t in tqdm(cfg["lengths"], desc="lengths", file=sys.stdout)]
 
     at = next((p for p in points if p["T"] == TARGET["T"]), None)
@@ -179,7 +195,8 @@ def main(argv=None):
         target["holds"] = target["memory_holds"] and target["time_holds"]
 
     results = {"experiment": "attention_memory", "device": info,
-               "config": {**cfg, "causal": args.causal, "quick": args.quick, "seed": args.seed,
+               "config": {**cfg, "causal": args.causal, "padding": args.padding,
+                          "quick": args.quick, "seed": args.seed,
                           "d_model": cfg["heads"] * cfg["head_dim"], "dtype": "float32",
                           "loss": "mean_squared_error"},
                "points": points, "target": target, "wall_s": time.perf_counter() - start,

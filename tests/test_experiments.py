@@ -178,7 +178,7 @@ def test_data_parallel_quick(tmp_path, env):
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
                                   "vanishing_gradients", "per_example", "dp_sgd",
                                   "data_parallel", "attention_memory", "adding_problem",
-                                  "char_lm"])
+                                  "char_lm", "padded_sequences"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -235,6 +235,24 @@ def test_adding_problem_quick(tmp_path, env):
     assert "always answering 1" in stdout
     assert_png(tmp_path / "mse.png")
     assert_png(tmp_path / "grad_norm.png")
+
+
+def test_padded_sequences_quick(tmp_path, env):
+    """The GRU trained masked (manual and autodiff) and unmasked: a masked model's accuracy
+    is the same at both paddings; the tags are those of the task."""
+    results, stdout = run_quick("padded_sequences.py", tmp_path, env, "--models", "gru")
+    runs = {r["training"]: r for r in results["runs"]}
+    assert set(runs) == {"masked manual", "masked autodiff", "unmasked manual"}
+    for name in ("masked manual", "masked autodiff"):
+        assert runs[name]["accuracy"]["30"] == runs[name]["accuracy"]["60"], name
+    assert runs["masked manual"]["final_train_loss"] == pytest.approx(
+        runs["masked autodiff"]["final_train_loss"], rel=1e-4)
+    assert "unmasked manual" in stdout
+    assert_png(tmp_path / "accuracy.png")
+    digits, tags = load_script("padded_sequences").make_data(20, 0)
+    for d, t in zip(digits, tags):
+        assert 5 <= len(d) <= 30 and d.min() >= 1 and d.max() <= 9
+        assert (t == (d > d.mean())).all()
 
 
 def test_adding_problem_data():
