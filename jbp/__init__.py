@@ -42,6 +42,7 @@ from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
+from jbp.layers.seq2seq import cross_attention, decoder_block, encoder_decoder, on_target
 from jbp.layers.transformer import positional_embedding, transformer_block
 from jbp.train import fit
 from jbp import data_parallel, distributed
@@ -58,6 +59,7 @@ __all__ = [
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
+    "cross_attention", "decoder_block", "encoder_decoder", "on_target",
     "elementwise",
     "elu", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "silu", "softplus", "tanh",
     # gradients and checking them

@@ -468,9 +468,10 @@ def cast_like(g, like):
     return g.astype(like.dtype) if jnp.issubdtype(like.dtype, jnp.inexact) else g
 
 
-def check_like(who: str, what: str, got, expected) -> None:
+def check_like(who: str, what: str, got, expected, *, dtypes: bool = True) -> None:
     """Raise a ValueError unless the pytrees ``got`` and ``expected`` match in structure,
-    shapes and (floating) dtypes; ``expected`` may hold arrays or ShapeDtypeStructs."""
+    shapes and (floating) dtypes (shapes only with ``dtypes=False``: params in any float
+    dtype); ``expected`` may hold arrays or ShapeDtypeStructs."""
     tree_g, tree_e = jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(expected)
     if tree_g != tree_e:
         raise ValueError(f"{who}: {what} has structure {tree_g}, expected {tree_e} "
@@ -487,6 +488,6 @@ def check_like(who: str, what: str, got, expected) -> None:
             raise ValueError(f"{who}: {what}{where} has shape {tuple(g.shape)}, expected "
                              f"{tuple(e.shape)}{hint}")
         want = jnp.dtype(e.dtype)
-        if jnp.issubdtype(want, jnp.inexact) and jnp.dtype(g.dtype) != want:
+        if dtypes and jnp.issubdtype(want, jnp.inexact) and jnp.dtype(g.dtype) != want:
             raise ValueError(f"{who}: {what}{where} has dtype {jnp.dtype(g.dtype)}, expected "
                              f"{want} (gradients have the dtype of what they differentiate)")

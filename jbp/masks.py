@@ -15,6 +15,9 @@ its own (dense, activations, layer_norm, embedding) never see it. The names:
   anywhere, e.g. on the left).
 - ``"attention_mask"`` ``(B, T_q, T_k)`` or ``(B, H, T_q, T_k)`` bool: True where query
   ``t`` may attend to key ``t'``; combined (and) with the others and with ``causal``.
+- ``"source_lengths"`` ``(B,)`` integers: an encoder–decoder's source lengths
+  (:mod:`jbp.layers.seq2seq`): the encoder's ``lengths``, and the memory keys that
+  cross-attention may look at.
 
 Eagerly, lengths outside ``[1, T]`` are an error that names the layer. Under ``jax.jit``
 they cannot be checked; both gradient paths then do the same thing: a length ≤ 0 leaves
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SIDE_INPUTS = ("lengths", "key_mask", "attention_mask")
+SIDE_INPUTS = ("lengths", "key_mask", "attention_mask", "source_lengths")
 
 
 def check_side(layer, side) -> None:
@@ -69,21 +72,21 @@ def _array(value, name: str, who: str):
     return value
 
 
-def lengths_of(side, b: int, t: int, who: str):
-    """``side["lengths"]`` as a ``(B,)`` int32 array, or None where it is not given; an
-    error naming ``who`` for a wrong shape or dtype, or (when concrete) a length outside
+def lengths_of(side, b: int, t: int, who: str, name: str = "lengths"):
+    """``side[name]`` as a ``(B,)`` int32 array, or None where it is not given; an error
+    naming ``who`` for a wrong shape or dtype, or (when concrete) a length outside
     ``[1, T]``."""
-    if not side or side.get("lengths") is None:
+    if not side or side.get(name) is None:
         return None
-    lengths = _array(side["lengths"], "lengths", who)
+    lengths = _array(side[name], name, who)
     if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"{who}: side input 'lengths' must be ({b},) integers (one length "
+        raise ValueError(f"{who}: side input {name!r} must be ({b},) integers (one length "
                          f"per example), got {lengths.dtype}{list(lengths.shape)}")
     if not isinstance(lengths, jax.core.Tracer):
         concrete = np.asarray(lengths)  # numpy: inside a trace, jnp would stage it
         low, high = int(concrete.min()), int(concrete.max())
         if low < 1 or high > t:
-            raise ValueError(f"{who}: side input 'lengths' must lie in [1, T] = [1, {t}], "
+            raise ValueError(f"{who}: side input {name!r} must lie in [1, T] = [1, {t}], "
                              f"got values from {low} to {high}")
     return lengths.astype(jnp.int32)
 

@@ -131,14 +131,15 @@ def _mask_blocks(mask, block: int, n_blocks: int):
     return jnp.moveaxis(mask, -2, 0)
 
 
-def _scores(q, k_j, j, block: int, t: int, causal: bool, key_mask_j=None, mask_j=None):
-    """``s_j = c · q k_jᵀ (B, H, T, block)`` with masked keys at −∞, for key block ``j``;
-    ``key_mask_j (B, block)`` and ``mask_j (B, 1 or H, T, block)``: the side inputs' blocks."""
+def _scores(q, k_j, j, block: int, t_k: int, causal: bool, key_mask_j=None, mask_j=None):
+    """``s_j = c · q k_jᵀ (B, H, T_q, block)`` with masked keys at −∞, for key block ``j``
+    of ``t_k`` keys; ``key_mask_j (B, block)`` and ``mask_j (B, 1 or H, T_q, block)``: the
+    side inputs' blocks."""
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k_j) / math.sqrt(q.shape[-1])
     key_pos = j * block + jnp.arange(block)
-    keep = key_pos[None, :] < t                                      # not padding
+    keep = key_pos[None, :] < t_k                                    # not padding
     if causal:
-        keep = keep & (key_pos[None, :] <= jnp.arange(t)[:, None])   # no key after the query
+        keep = keep & (key_pos[None, :] <= jnp.arange(q.shape[2])[:, None])  # no later key
     if key_mask_j is not None:
         keep = keep & key_mask_j[:, None, None, :]                   # a real key
     if mask_j is not None:
@@ -153,11 +154,12 @@ def _finite_max(m):
 
 
 def attention_core(q, k, v, *, causal: bool, block: int, key_mask=None, mask=None):
-    """``q, k, v (B, H, T, Dh) -> (o (B, H, T, Dh), m (B, H, T), l (B, H, T))`` by the online
-    softmax: per row the max score ``m`` and the normaliser ``l = Σ exp(s − m)``.
-    ``key_mask (B, T)``, ``mask (B, 1 or H, T, T)``: bool, False where a key is masked; a row
-    with every key masked gives ``o = 0`` (and ``m = −∞``, ``l = 0``)."""
-    t = q.shape[2]
+    """``q (B, H, T_q, Dh)``, ``k, v (B, H, T_k, Dh) -> (o (B, H, T_q, Dh), m (B, H, T_q),
+    l (B, H, T_q))`` by the online softmax: per row the max score ``m`` and the normaliser
+    ``l = Σ exp(s − m)``. ``key_mask (B, T_k)``, ``mask (B, 1 or H, T_q, T_k)``: bool, False
+    where a key is masked; a row with every key masked gives ``o = 0`` (and ``m = −∞``,
+    ``l = 0``)."""
+    t = k.shape[2]
     block, n_blocks = _blocking(t, block)
     masked = key_mask is not None or mask is not None
     finite = _finite_max if masked else (lambda m: m)
@@ -187,9 +189,10 @@ def attention_core(q, k, v, *, causal: bool, block: int, key_mask=None, mask=Non
 
 def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int, key_mask=None,
                             mask=None):
-    """``do = ∂C/∂o (B, H, T, Dh) -> (dq, dk, dv)``, each ``(B, H, T, Dh)``; ``p`` recomputed
-    block by block from the rows' ``m`` and ``l`` (a row with every key masked: p = 0)."""
-    t = q.shape[2]
+    """``do = ∂C/∂o (B, H, T_q, Dh) -> (dq, dk, dv)``, shaped like ``q, k, v``; ``p``
+    recomputed block by block from the rows' ``m`` and ``l`` (a row with every key masked:
+    p = 0)."""
+    t = k.shape[2]
     block, n_blocks = _blocking(t, block)
     c = 1 / math.sqrt(q.shape[-1])
     D = jnp.sum(do * o, axis=-1, keepdims=True)                       # (B, H, T, 1)
@@ -240,29 +243,54 @@ class Cache(NamedTuple):
     m: jax.Array    # (B, H, T), each row's max score
     l: jax.Array    # (B, H, T), each row's Σ exp(s − m)
     W_o: jax.Array  # (H·Dh, d_model)
-    key_mask: jax.Array | None = None  # (B, T) bool, from the side inputs
+    key_mask: jax.Array | None = None  # (B, T_k) bool, from the side inputs
     mask: jax.Array | None = None      # (B, 1 or H, T, T) bool, the side input attention_mask
+    memory: jax.Array | None = None    # (B, T_k, d_model): the k, v projections' input where
+    #                                    it is not x (cross-attention, jbp.layers.seq2seq)
 
 
-def _inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
+def inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
     """``{name: (a, δ)}`` for the four projections: input (B, T, ·) and ∂C/∂output."""
     heads = cache.q.shape[1]
     do = split_heads(dy @ cache.W_o.T, heads)
     dq, dk, dv = attention_core_backward(cache.q, cache.k, cache.v, cache.o, cache.m, cache.l, do,
                                          causal=causal, block=block, key_mask=cache.key_mask,
                                          mask=cache.mask)
-    return {"q": (cache.x, merge_heads(dq)), "k": (cache.x, merge_heads(dk)),
-            "v": (cache.x, merge_heads(dv)), "o": (merge_heads(cache.o), dy)}
+    kv = cache.x if cache.memory is None else cache.memory
+    return {"q": (cache.x, merge_heads(dq)), "k": (kv, merge_heads(dk)),
+            "v": (kv, merge_heads(dv)), "o": (merge_heads(cache.o), dy)}
 
 
-def _rule(causal: bool, block: int) -> PerExampleRule:
+def projection_grads(params, pairs):
+    """∂C/∂params of the four projections from ``{name: (a, δ)}``: Σ aᵀδ and Σ δ."""
+    grads = {}
+    for name, (a, d) in pairs.items():
+        a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        grads[name] = {"W": (a2.T @ d2).astype(params[name]["W"].dtype)}
+        if name != "k":
+            grads[name]["b"] = jnp.sum(d2, axis=0).astype(params[name]["b"].dtype)
+    return grads
+
+
+def init_projections(key, d: int, width: int, dtype) -> dict:
+    """The four projections' params for ``d_model = d`` and ``H·Dh = width``."""
+    params = {}
+    for name, k in zip(PROJECTIONS, jax.random.split(key, 4)):
+        n_in, n_out = (width, d) if name == "o" else (d, width)
+        params[name] = {"W": normal(k, (n_in, n_out), dtype) / math.sqrt(n_in)}
+        if name != "k":
+            params[name]["b"] = constant(0, (n_out,), dtype)
+    return params
+
+
+def rule(causal: bool, block: int) -> PerExampleRule:
     """∂ℓ_i/∂W = Σ_t a_it δ_itᵀ per projection. Attention mixes an example's positions,
     never examples: the blocked backward run on the per-example delta (row i: ∂ℓ_i/∂y_i) gives
     example i's own δ at every projection, so the batched backward *is* the per-example one;
     only the sums over the batch are left out."""
 
     def grads(cache, delta):
-        pairs = _inputs_and_deltas(cache, delta, causal, block)
+        pairs = inputs_and_deltas(cache, delta, causal, block)
         grads = {name: {"W": jnp.einsum("bti,bto->bio", a, d), "b": jnp.sum(d, axis=1)}
                  for name, (a, d) in pairs.items()}
         del grads["k"]["b"]
@@ -285,7 +313,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
       dtype: of the params. The q, k, v weights ~ N(0, 1/d_model), the output weight
         ~ N(0, 1/(H·Dh)) (LeCun, as dense), biases zero.
 
-    Cache: :class:`Cache`. Per example: :func:`_rule`.
+    Cache: :class:`Cache`. Per example: :func:`rule`.
     """
     who = "attention"
     heads, head_dim, block_size = (positive_int(value, name, who) for name, value in (
@@ -299,14 +327,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         shape = as_shape(in_shape, who)
         if len(shape) != 2:
             raise ValueError(f"{who}: expects a per-example shape (T, d_model), got {shape}")
-        d, dt = shape[1], param_dtype(dtype, who)
-        params = {}
-        for name, k in zip(PROJECTIONS, jax.random.split(key, 4)):
-            n_in, n_out = (width, d) if name == "o" else (d, width)
-            params[name] = {"W": normal(k, (n_in, n_out), dt) / math.sqrt(n_in)}
-            if name != "k":
-                params[name]["b"] = constant(0, (n_out,), dt)
-        return shape, params
+        return shape, init_projections(key, shape[1], width, param_dtype(dtype, who))
 
     def check_params(params):
         if not isinstance(params, dict) or set(params) != set(PROJECTIONS):
@@ -352,15 +373,9 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         return y, Cache(x, q, k, v, o, m, l, params["o"]["W"], key_mask, mask)
 
     def backward(params, cache, dy):
-        pairs = _inputs_and_deltas(cache, dy, causal, block_size)
-        grads = {}
-        for name, (a, d) in pairs.items():
-            a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
-            grads[name] = {"W": (a2.T @ d2).astype(params[name]["W"].dtype)}
-            if name != "k":
-                grads[name]["b"] = jnp.sum(d2, axis=0).astype(params[name]["b"].dtype)
+        pairs = inputs_and_deltas(cache, dy, causal, block_size)
         dx = sum(pairs[n][1] @ params[n]["W"].T for n in "qkv")  # x feeds q, k and v
-        return grads, cast_like(dx, cache.x)
+        return projection_grads(params, pairs), cast_like(dx, cache.x)
 
-    return Layer(who, init, forward, backward, per_example=_rule(causal, block_size),
+    return Layer(who, init, forward, backward, per_example=rule(causal, block_size),
                  side_inputs=masks.SIDE_INPUTS)
