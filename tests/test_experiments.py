@@ -244,15 +244,22 @@ def test_padded_sequences_quick(tmp_path, env):
     runs = {r["training"]: r for r in results["runs"]}
     assert set(runs) == {"masked manual", "masked autodiff", "unmasked manual"}
     for name in ("masked manual", "masked autodiff"):
-        assert runs[name]["accuracy"]["30"] == runs[name]["accuracy"]["60"], name
+        assert runs[name]["accuracy"]["x1"] == runs[name]["accuracy"]["x8"], name
     assert runs["masked manual"]["final_train_loss"] == pytest.approx(
         runs["masked autodiff"]["final_train_loss"], rel=1e-4)
     assert "unmasked manual" in stdout
     assert_png(tmp_path / "accuracy.png")
-    digits, tags = load_script("padded_sequences").make_data(20, 0)
+    script = load_script("padded_sequences")
+    digits, tags = script.make_data(20, 0)
     for d, t in zip(digits, tags):
         assert 5 <= len(d) <= 30 and d.min() >= 1 and d.max() <= 9
         assert (t == (d > d.mean())).all()
+    x, labels, side = script.batch("encoder-decoder", digits[:2], tags[:2], 30)
+    n = len(digits[0])
+    assert x.shape == (2, 60) and (x[0, :n] == digits[0]).all() and (x[0, n:30] == 0).all()
+    assert x[0, 30] == script.BOS and (x[0, 31:30 + n] == digits[0][::-1][:-1]).all()
+    assert (labels[0, :n] == digits[0][::-1]).all() and (labels[0, n:] == -100).all()
+    assert side["lengths"][0] == side["source_lengths"][0] == n
 
 
 def test_adding_problem_data():

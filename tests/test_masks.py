@@ -251,8 +251,9 @@ def test_padded_recurrent_layers_equal_each_sequence_alone(make):
 
 
 def test_recurrent_lengths_float32_and_central_differences():
-    """float32 manual == autodiff ≤ 1e-5 for each cell with lengths; float64 manual ==
-    central differences for the bidirectional GRU classifier; outputs past a length are 0."""
+    """float32 manual == autodiff ≤ 1e-5 for each cell with lengths (and, under jit, with
+    lengths outside [1, T]); float64 manual == central differences for the bidirectional
+    GRU classifier; outputs past a length are 0."""
     rng = np.random.default_rng(6)
     lengths = jnp.array([5, 2, 1, 4])
     x = rng.normal(size=(4, 5, 2))
@@ -263,6 +264,12 @@ def test_recurrent_lengths_float32_and_central_differences():
         (_, manual), (_, auto) = _both_gradients(model, params, jnp.asarray(x, jnp.float32), y,
                                                  {"lengths": lengths})
         assert rel_err(manual, auto) <= 1e-5
+    # under jit lengths cannot be checked: 0 (all padding) and T + 4 (none) give the same
+    # in both paths, as jbp.masks documents
+    (value, manual), (auto_value, auto) = _both_gradients(
+        model, params, jnp.asarray(x, jnp.float32), y, {"lengths": jnp.array([0, 9, 1, 5])})
+    assert np.isfinite(value) and abs(value - auto_value) <= 1e-6 * abs(auto_value)
+    assert rel_err(manual, auto) <= 1e-5
     tagger = _tagger(jbp.gru, jnp.float32)
     out = tagger.layers[0].apply(_params(tagger, (5, 2), jnp.float32)[0],
                                  jnp.asarray(x, jnp.float32), side={"lengths": lengths})
