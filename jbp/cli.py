@@ -16,6 +16,9 @@ import jaxlib
 from jbp.io import write_atomic
 
 
+CUDA_SETUP = "JBP_EXTRAS=test,cuda bash scripts/setup.sh"
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except None: there the help says what happens."""
 
@@ -49,8 +52,10 @@ def select_platform(name: str | None) -> jax.Device:
         device = jax.devices(name)[0]
     except RuntimeError:
         available = sorted({d.platform for d in jax.devices()})
+        hint = (f"; for an NVIDIA GPU install the CUDA build of jaxlib with "
+                f"`{CUDA_SETUP}`" if name == "gpu" else "")
         raise ValueError(f"--platform {name}: no such backend here; available: "
-                         f"{', '.join(available)}") from None
+                         f"{', '.join(available)}{hint}") from None
     jax.config.update("jax_default_device", device)
     return device
 
