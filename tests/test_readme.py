@@ -13,7 +13,9 @@ output that way.
 
 import contextlib
 import io
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import jax
@@ -62,15 +64,30 @@ def _data_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def _isolated(tmp_path, monkeypatch):
-    """A temporary working folder, and jax_enable_x64 put back as it was."""
+    """A temporary working folder (also the temporary folder of ``tempfile``), and
+    jax_enable_x64 put back as it was."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     x64 = jax.config.jax_enable_x64
     yield tmp_path
     jax.config.update("jax_enable_x64", x64)
 
 
+def _repository_files() -> dict:
+    """Every file of the repository (not .git, .venv, caches) with its modification time."""
+    found = {}
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in
+                         ("__pycache__", "runs", "build") and not d.endswith(".egg-info")]
+        for name in files:
+            path = os.path.join(folder, name)
+            found[path] = os.stat(path).st_mtime_ns
+    return found
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_markdown_python_blocks(path, _isolated):
+    before = _repository_files()
     text = path.read_text()
     namespace = {"__name__": "__main__"}
     n_run = 0
@@ -94,9 +111,10 @@ def test_markdown_python_blocks(path, _isolated):
     orphans = [b.line for b in blocks(text) if b.lang == "text"
                and b.line not in {s.line for _, s in runs(text) if s is not None}]
     assert not orphans, f"{path.name}: ```text blocks at lines {orphans} follow no python block"
+    assert _repository_files() == before, f"{path.name}: a block wrote into the repository"
     if path.name == "tutorial.md":
         assert n_run > 10
-        assert (_isolated / "docs" / "img" / "reverse_network.png").stat().st_size > 10_000
+        assert (_isolated / "reverse_network.png").stat().st_size > 10_000
         assert (ROOT / "docs" / "img" / "reverse_network.png").is_file()
 
 
