@@ -166,6 +166,13 @@ def test_what_cannot_be_saved_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"argument 'sigma' of elementwise\('square', .*\) "
                                          r"cannot be saved: it is a function"):
         jbp.save_model(tmp_path / "m.npz", jbp.serial(jbp.dense(2), square), ({}, {}))
+    @jbp.constructor
+    def shifted(shift) -> jbp.Layer:
+        return jbp.elementwise("shifted", lambda z: z + shift, lambda z, a: jnp.ones_like(z))
+
+    with pytest.raises(ValueError, match=r"argument 'shift' of shifted\(array\(.*cannot be "
+                                         r"saved: it is a ndarray"):
+        jbp.save_model(tmp_path / "m.npz", shifted(np.ones(3)), {})
     bare = jbp.Layer("bare", init=lambda k, s: (s, {}), forward=lambda p, x, **kw: (x, None),
                      backward=lambda p, c, dy: ({}, dy))
     with pytest.raises(ValueError, match="layer Layer\\('bare'\\) cannot be saved: it was not "
