@@ -186,3 +186,13 @@ def test_what_cannot_be_saved_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="params holds a str"):
         jbp.save_model(tmp_path / "m.npz", model, ({"W": "weights"},))
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_bfloat16_params_and_a_list_in_the_params_round_trip(tmp_path):
+    model = jbp.serial(jbp.dense(4, dtype=jnp.bfloat16), jbp.relu(), jbp.dense(2))
+    _, params = model.init(jax.random.key(0), (3,))
+    jbp.save_model(tmp_path / "m.npz", model, params, {"kept": [np.arange(3)]}, in_shape=(3,))
+    loaded, p, s = jbp.load_model(tmp_path / "m.npz")
+    assert loaded == model and p[0]["W"].dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(p[0]["W"], np.float32), np.asarray(params[0]["W"], np.float32))
+    assert isinstance(s["kept"], list) and np.array_equal(s["kept"][0], np.arange(3))
