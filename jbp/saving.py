@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp.io import write_atomic
-from jbp.layer import Layer, constructor, out_shape
+from jbp.layer import Layer, constructor
 
 FORMAT = "jbp-model-1"
 _INDEX = "__index__"
-_BUILD_CODE = constructor(lambda: None).__code__  # what every constructor's wrapper runs
+# Every function that jbp.constructor returns runs this one code object: how a constructor
+# is told from any other function without a mark on it.
+_BUILD_CODE = constructor(lambda: None).__code__
 _REGISTRY: dict = {}
 
 
@@ -147,9 +149,11 @@ def build(description: dict, who: str = "load_model") -> Layer:
     registry = _registry()
     if name not in registry:
         short = name.rsplit(".", 1)[-1]
-        raise ValueError(f"{who}: unknown constructor {name!r}: import the module that "
-                         f"defines it and call jbp.register_constructor({short}) (or "
-                         f"jbp.register_constructor({short}, name={name!r})) before loading")
+        how = ("register it first, with jbp.register_constructor({0}): load_model rebuilds "
+               "only the constructors it knows" if who == "save_model" else
+               "import the module that defines it and call jbp.register_constructor({0}) "
+               "(or jbp.register_constructor({0}, name={1!r})) before loading")
+        raise ValueError(f"{who}: unknown constructor {name!r}: " + how.format(short, name))
     fn = registry[name]
     parameters = inspect.signature(fn).parameters
     args, kwargs = [], {}
