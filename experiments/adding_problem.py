@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jbp
-from jbp.cli import experiment_parser, plt, save_figure, start_device
+from jbp.cli import experiment_parser, plt, save_figure, show_progress, start_device
 from jbp.io import write_json
 from jbp.layers.recurrent import bptt_deltas
 
@@ -61,18 +61,21 @@ def probe(model, params, x, y):
 
 def parse_args(argv=None):
     parser = experiment_parser(__doc__.splitlines()[0], "runs/adding_problem")
-    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
+                        help="recurrent layers to compare")
     parser.add_argument("--lengths", type=int, nargs="+", default=[10, 25, 50, 100],
                         help="sequence lengths T")
     parser.add_argument("--seeds", type=int, default=1, help="runs per cell and length "
                         "(seeds --seed, --seed + 1, ...)")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--hidden", type=int, default=64, help="units (--quick: 8)")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="training steps per run (--quick: 20)")
+    parser.add_argument("--batch-size", type=int, default=100, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate")
     parser.add_argument("--train", type=int, default=10000, help="training sequences")
     parser.add_argument("--test", type=int, default=1000, help="test sequences")
-    parser.add_argument("--grad", choices=["manual", "autodiff"], default="manual")
+    parser.add_argument("--grad", choices=["manual", "autodiff"], default="manual",
+                        help="the hand-written backward or jax.grad")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.hidden, args.steps, args.train, args.test = [4, 8], 8, 20, 200, 100
@@ -92,7 +95,7 @@ def run(cell, T, seed, args):
     start = time.perf_counter()
     params, history = jbp.fit(model, LOSS, params, data, key=jax.random.key(1000 + seed),
                               optimizer=optimizer, steps=args.steps, batch_size=args.batch_size,
-                              grad=args.grad, progress=not args.quick)
+                              grad=args.grad, progress=show_progress(args))
     seconds = time.perf_counter() - start
     norms, error = probe(model, params, data.x_test, data.y_test)
     return {"cell": cell, "T": T, "seed": seed, "seconds": seconds,
@@ -125,7 +128,7 @@ def plot(out, runs, args):
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4)
     fig.suptitle(f"adding problem, {args.hidden} units, {args.steps} steps, {args.grad} "
                  f"gradient")
-    save_figure(fig, out / "mse.png", tight_rect=(0, 0.07, 1, 1))
+    save_figure(fig, out / "mse.png", tight_rect=(0, 0.07, 1, 1), quick=args.quick)
 
     T = max(args.lengths)
     fig, axes = pyplot.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -140,7 +143,7 @@ def plot(out, runs, args):
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     axes[0].set_ylabel("‖∂C/∂h_t‖, relative to the last step")
-    save_figure(fig, out / "grad_norm.png")
+    save_figure(fig, out / "grad_norm.png", quick=args.quick)
 
 
 def main(argv=None):

@@ -136,7 +136,7 @@ def run_point(t, cfg, causal, seed, padding=False) -> dict:
     return point
 
 
-def plot(points, cfg, out):
+def plot(points, cfg, out, quick=False):
     plt = cli.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ts = [p["T"] for p in points]
@@ -159,7 +159,7 @@ def plot(points, cfg, out):
         ax.set_xlabel("sequence length T")
         ax.legend()
     axes[0].set_yscale("log")
-    cli.save_figure(fig, out / "attention_memory.png")
+    cli.save_figure(fig, out / "attention_memory.png", quick=quick)
 
 
 def main(argv=None):
@@ -180,7 +180,8 @@ def main(argv=None):
         cfg["block_size"] = args.block_size
     start = time.perf_counter()
     points = [run_point(t, cfg, args.causal, args.seed, args.padding)
-              for t in tqdm(cfg["lengths"], desc="lengths", file=sys.stdout)]
+              for t in tqdm(cfg["lengths"], desc="lengths", file=sys.stdout,
+                            disable=not cli.show_progress(args))]
 
     at = next((p for p in points if p["T"] == TARGET["T"]), None)
     target = dict(TARGET)
@@ -205,7 +206,7 @@ def main(argv=None):
                        "memory = XLA's compiled temp_size_in_bytes"}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
-    plot(points, cfg, args.out)
+    plot(points, cfg, args.out, args.quick)
 
     print(f"{'T':>6}{'blocks':>7}{'temp MiB manual':>17}{'plain':>9}{'checkpt':>9}"
           f"{'mem m/p':>9}{'time m/p':>10}{'ckpt/p':>8}{'plain ms':>10}{'rel err':>9}")

@@ -458,15 +458,15 @@ def _errorbars(ax, idx, stats, series, scale=1.0):
         ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=text)
 
 
-def _finish(fig, ax, points, title, ylabel, path):
+def _finish(fig, ax, points, title, ylabel, path, quick=False):
     """Log y axis, one labelled column per grid point, legend; save and close."""
     ax.set(yscale="log", ylabel=ylabel, title=title)
     ax.set_xticks(np.arange(len(points)), [p["label"] for p in points], rotation=90, fontsize=7)
-    ax.legend()
-    cli.save_figure(fig, path)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # off the points
+    cli.save_figure(fig, path, quick=quick)
 
 
-def plot(points, peak, out_dir):
+def plot(points, peak, out_dir, quick=False):
     """step_time.png, ratio.png, gflops.png and memory.png: a column per point."""
     plt = cli.plt()
     idx = np.arange(len(points))
@@ -477,7 +477,7 @@ def plot(points, peak, out_dir):
                [("manual_step", "o", "manual_step"), ("autodiff_step", "x", "autodiff_step"),
                 ("forward", ".", "forward")], scale=1e3)
     _finish(fig, ax, points, "Adam training step: hand-written backward vs jax.grad",
-            "median time per call (ms)", out_dir / "step_time.png")
+            "median time per call (ms)", out_dir / "step_time.png", quick)
 
     fig, ax = plt.subplots(figsize=size)
     _errorbars(ax, idx, points, [("ratio_step", "o", "ratio_step (median, IQR)"),
@@ -486,7 +486,7 @@ def plot(points, peak, out_dir):
     ax.axhline(TARGETS["ratio_point_max"], color="r", lw=0.8, ls="--", label="1.05")
     _finish(fig, ax, points,
             "Per-round paired time ratio (below 1: the hand-written backward is faster)",
-            "paired ratio manual / autodiff (log scale)", out_dir / "ratio.png")
+            "paired ratio manual / autodiff (log scale)", out_dir / "ratio.png", quick)
 
     fig, ax = plt.subplots(figsize=size)
     for name, marker in (("manual_step", "o"), ("autodiff_step", "x"), ("matmul", "_")):
@@ -495,7 +495,7 @@ def plot(points, peak, out_dir):
                label=f"measured matmul peak {peak['gflops']:.1f}")
     _finish(fig, ax, points,
             "Training step throughput vs a float32 product of the point's own shape",
-            "GFLOP/s (products counted; CNN: XLA's FLOPs; / median time)", out_dir / "gflops.png")
+            "GFLOP/s (products counted; CNN: XLA's FLOPs; / median time)", out_dir / "gflops.png", quick)
 
     fig, ax = plt.subplots(figsize=size)
     for kind, (m_marker, a_marker) in (("step", ("o", "x")), ("grad", ("s", "+"))):
@@ -503,7 +503,7 @@ def plot(points, peak, out_dir):
             ax.plot(idx, [temp_mib(p, f"{path}_{kind}") for p in points], marker,
                     fillstyle="none", label=f"{path}_{kind}")
     _finish(fig, ax, points, "XLA temporary memory: manual vs autodiff",
-            "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png")
+            "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png", quick)
 
 
 def measure_peak(grid, key, repeats):
@@ -521,7 +521,8 @@ def main(argv=None):
     peak_repeats = 3 if args.quick else 10
     peak_start = measure_peak(args.grid, k_peak, peak_repeats)
     points = []
-    bar = tqdm(specs(args), desc="benchmark", unit="point", file=sys.stderr)
+    bar = tqdm(specs(args), desc="benchmark", unit="point", file=sys.stderr,
+               disable=not cli.show_progress(args))
     for i, spec in enumerate(bar):
         bar.set_postfix_str(spec.label)
         points.append(bench_point(spec, jax.random.fold_in(k_grid, i), args))
@@ -564,7 +565,7 @@ def main(argv=None):
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
-    plot(points, peak, args.out)
+    plot(points, peak, args.out, args.quick)
     write_atomic(args.out / "table.md", lambda f: f.write(markdown(results).encode()))
     print_table(points, summary, peak)
     print(f"wrote {args.out / 'results.json'} and plots in {time.perf_counter() - start:.0f} s")

@@ -43,7 +43,8 @@ import optax
 
 import jbp
 from jbp import bench, data_parallel, distributed
-from jbp.cli import experiment_parser, plt, save_figure, start_device
+from jbp.cli import (experiment_parser, plot_with_zeros, plt, save_figure, show_progress,
+                     start_device)
 from jbp.io import write_json
 
 GRADS = ("manual", "autodiff")
@@ -164,7 +165,7 @@ def run_worker(args) -> dict:
         final, history = jbp.fit(model, loss, params, data, key=jax.random.key(args.seed + 1),
                                  optimizer=optimizer, epochs=args.epochs,
                                  batch_size=args.batch_size, grad="manual", mesh=where,
-                                 progress=main and not args.quick,
+                                 progress=main and show_progress(args),
                                  on_epoch=lambda e, p, h: snapshots.append(data_parallel.gather(p)))
         runs[name] = {"params": final, "history": history, "snapshots": snapshots,
                       "seconds": time.perf_counter() - start}
@@ -282,7 +283,7 @@ def drive(args, platform: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------- report
 
-def plot(out: Path, runs: list[dict]) -> None:
+def plot(out: Path, runs: list[dict], quick: bool = False) -> None:
     pyplot = plt()
     fig, (ax_acc, ax_loss, ax_diff) = pyplot.subplots(1, 3, figsize=(16, 4))
     base = runs[0]["history"]["single"]
@@ -298,17 +299,18 @@ def plot(out: Path, runs: list[dict]) -> None:
         ax_loss.plot([e["epoch"] for e in ev], [e["train_loss"] for e in ev], lw=1,
                      label=run["label"])
         diffs = run["param_rel_diff_per_epoch"]
-        ax_diff.plot(range(len(diffs)), [max(d, 1e-17) for d in diffs], marker="o", ms=3,
-                     lw=1, label=run["label"])
+        ax_diff.set_yscale("log")
+        plot_with_zeros(ax_diff, range(len(diffs)), diffs, marker="o", ms=3, lw=1,
+                        label=run["label"])
     ax_diff.set(xlabel="epoch", ylabel="max over leaves of ‖θ_mesh − θ_1‖ / ‖θ_1‖",
-                title="params vs the single-device run", yscale="log")
+                title="params vs the single-device run")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss", yscale="log")
     for ax in (ax_acc, ax_loss, ax_diff):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("MNIST-1D MLP, data-parallel (jbp.fit mesh=...) over the single-device run")
-    save_figure(fig, out / "curves.png")
+    save_figure(fig, out / "curves.png", quick=quick)
 
     fig, (ax_t, ax_e) = pyplot.subplots(1, 2, figsize=(11, 4))
     labels = [run["label"] for run in runs]
@@ -326,7 +328,7 @@ def plot(out: Path, runs: list[dict]) -> None:
         ax.set_xticks(pos, labels, rotation=20, fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, out / "scaling.png")
+    save_figure(fig, out / "scaling.png", quick=quick)
 
 
 def report(runs: list[dict]) -> None:
@@ -420,7 +422,7 @@ def main(argv=None):
     write_json(args.out / "results.json", results)
     if args.no_plots:
         return results
-    plot(args.out, runs)
+    plot(args.out, runs, args.quick)
     report(runs)
     if one:
         report_estimate(results["estimate"], args.batch_size)

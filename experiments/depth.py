@@ -37,11 +37,14 @@ def parse_args(argv=None):
                         help="numbers of hidden layers")
     parser.add_argument("--budgets", type=int, nargs="+", default=[3000, 10000, 30000],
                         help="parameter counts to match")
-    parser.add_argument("--activation", default="relu")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--activation", default="relu",
+                        help="hidden activation, a jbp name (relu, tanh, sigmoid, ...)")
+    parser.add_argument("--epochs", type=int, default=40,
+                        help="passes over the training set (--quick: 2)")
+    parser.add_argument("--batch-size", type=int, default=100, help="examples per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    parser.add_argument("--grad", choices=["manual", "autodiff"], default="manual")
+    parser.add_argument("--grad", choices=["manual", "autodiff"], default="manual",
+                        help="the hand-written backward or jax.grad")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.budgets, args.epochs = [1, 2], [1000], 2
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     return args
 
 
-def plot(path, runs, depths):
+def plot(path, runs, depths, quick=False):
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6.5, 4.5))
     for depth in depths:
@@ -62,7 +65,7 @@ def plot(path, runs, depths):
            title="MNIST-1D: deep and thin vs shallow and wide")
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, path)
+    save_figure(fig, path, quick=quick)
 
 
 def main(argv=None):
@@ -100,7 +103,7 @@ def main(argv=None):
                           "grad": args.grad, "seed": args.seed, "quick": args.quick,
                           "data": "MNIST-1D (4000 train / 1000 test)"}}
     write_json(args.out / "results.json", results)
-    plot(args.out / "depth.png", runs, args.depths)
+    plot(args.out / "depth.png", runs, args.depths, args.quick)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'depth.png'}")
     return results
 

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, save_figure, start_device
+from jbp.cli import experiment_parser, plt, save_figure, show_progress, start_device
 from jbp.io import write_json
 from jbp.layers.serial import init_gain
 
@@ -55,13 +55,17 @@ def parse_args(argv=None):
     parser = experiment_parser(__doc__.splitlines()[0], "runs/depth_residual")
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32],
                         help="numbers of blocks (hidden layers)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--activations", nargs="+", default=["tanh", "relu"])
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="plain blocks, residual, batch norm, or both")
+    parser.add_argument("--activations", nargs="+", default=["tanh", "relu"],
+                        help="hidden activations, jbp names")
+    parser.add_argument("--width", type=int, default=64, help="units per block (--quick: 16)")
+    parser.add_argument("--epochs", type=int, default=40,
+                        help="passes over the training set (--quick: 1)")
+    parser.add_argument("--batch-size", type=int, default=100, help="examples per step")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="optax optimizer")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--probe", type=int, default=500,
                         help="training examples on which the deltas are measured")
     args = parser.parse_args(argv)
@@ -183,7 +187,7 @@ def plot_accuracy(path, runs, args):
     axes[0][0].set_ylabel("test accuracy")
     axes[0][0].legend()
     fig.suptitle(f"MNIST-1D, {args.epochs} epochs of {args.optimizer} lr {args.lr}")
-    save_figure(fig, path)
+    save_figure(fig, path, quick=args.quick)
 
 
 def plot_deltas(path, runs, args):
@@ -205,7 +209,7 @@ def plot_deltas(path, runs, args):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("‖δ‖ = ‖∂C/∂(block output)‖, probe batch")
     axes[0][0].legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
+    save_figure(fig, path, quick=args.quick)
 
 
 def print_table(runs, args):
@@ -236,7 +240,7 @@ def main(argv=None):
     grid = [(a, v, d) for a in args.activations for v in args.variants for d in args.depths]
     runs = [run(v, d, a, data, probe, args)
             for a, v, d in tqdm(grid, desc="models", unit="model", file=sys.stdout,
-                                disable=args.quick)]
+                                disable=not show_progress(args))]
     agreement = [r["init"]["rel_error_vs_autodiff"] for r in runs
                  if "rel_error_vs_autodiff" in r["init"]]
     both = train_both(args, data)

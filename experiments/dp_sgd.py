@@ -129,12 +129,13 @@ def batches(data, batch, key):
     return lambda t: _sample(x_all, y_all, key, t, batch_like)
 
 
-def train(model, step, params, optimizer, data, cfg, key, desc):
+def train(model, step, params, optimizer, data, cfg, key, desc, progress=False):
     """Run ``cfg['steps']`` steps on uniformly drawn batches; return params and the curve."""
     opt_state = optimizer.init(params)
     get = batches(data, cfg["batch"], key)
     curve = []
-    for t in tqdm(range(cfg["steps"]), desc=desc, file=sys.stdout, mininterval=2.0):
+    for t in tqdm(range(cfg["steps"]), desc=desc, file=sys.stdout, mininterval=2.0,
+                  disable=not progress):
         params, opt_state = step(params, opt_state, *get(t))
         if (t + 1) % cfg["eval_every"] == 0 or t + 1 == cfg["steps"]:
             curve.append((t + 1, accuracy(model, params, data.x_test, data.y_test)))
@@ -206,7 +207,8 @@ def main(argv=None):
 
     runs = {}
     for name, step in steps.items():
-        final, curve = train(model, step, params0, optimizer, data, cfg, k_train, name)
+        final, curve = train(model, step, params0, optimizer, data, cfg, k_train, name,
+                             cli.show_progress(args))
         runs[name] = {"test_accuracy": curve[-1][1], "curve": curve,
                       "train_accuracy": accuracy(model, final, data.x_train, data.y_train),
                       "first_call_s": compile_s[name], "step_time": bench.summary(times[name])}
@@ -238,7 +240,7 @@ def main(argv=None):
     ax.set_ylabel("test accuracy")
     ax.set_title(f"DP-SGD on {args.data} (C={cfg['l2_norm_clip']}, σ={cfg['noise_multiplier']})")
     ax.legend()
-    cli.save_figure(fig, args.out / "accuracy.png")
+    cli.save_figure(fig, args.out / "accuracy.png", quick=args.quick)
 
     print(f"{'path':<12}{'test acc':>9}{'train acc':>10}{'ms/step':>9}")
     for name, run in runs.items():

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, save_figure, start_device
+from jbp.cli import experiment_parser, plt, save_figure, show_progress, start_device
 from jbp.io import write_json
 
 # manual vs autodiff must agree to these (normwise relative); vs float64 finite
@@ -58,7 +58,7 @@ def check_one(depth, activation, loss, dtype, width, seed):
     return vs_auto, vs_fd
 
 
-def heat_map(rows, depths, activations, losses, dtypes, path):
+def heat_map(rows, depths, activations, losses, dtypes, path, quick=False):
     pyplot = plt()
     cols = [(loss, d) for loss in losses for d in depths]
     fig, axes = pyplot.subplots(2, len(dtypes), figsize=(2 + (1.5 + 0.7 * len(cols)) * len(dtypes),
@@ -80,7 +80,7 @@ def heat_map(rows, depths, activations, losses, dtypes, path):
             for (r, c), v in np.ndenumerate(grid):
                 ax.text(c, r, f"{v:.0e}", ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(im, ax=axes, label="log10 relative error (worst leaf)")
-    save_figure(fig, path, dpi=110, tight_rect=None)
+    save_figure(fig, path, dpi=110, tight_rect=None, quick=quick)
 
 
 def main(argv=None):
@@ -102,7 +102,7 @@ def main(argv=None):
     combos = list(itertools.product(depths, activations, losses, dtypes))
     rows = []
     for depth, act, loss_name, dtype in tqdm(combos, desc="gradient check", unit="model",
-                                             disable=None):
+                                             disable=not show_progress(args)):
         vs_auto, vs_fd = check_one(depth, act, jbp.losses.get(loss_name), jnp.dtype(dtype),
                                    args.width, args.seed)
         rows.append({"depth": depth, "activation": act, "loss": loss_name, "dtype": dtype,
@@ -123,7 +123,8 @@ def main(argv=None):
 
     all_ok = all(r["ok"] for r in rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    heat_map(rows, depths, activations, losses, dtypes, args.out / "gradient_check.png")
+    heat_map(rows, depths, activations, losses, dtypes, args.out / "gradient_check.png",
+             args.quick)
     write_json(args.out / "results.json", {
         "all_ok": all_ok, "rows": rows, "device": info,
         "config": {"depths": depths, "activations": activations, "losses": losses,

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jbp
-from jbp.cli import experiment_parser, plt, save_figure, start_device
+from jbp.cli import experiment_parser, plt, save_figure, show_progress, start_device
 from jbp.io import write_json
 from jbp.losses import IGNORE_LABEL
 
@@ -124,13 +124,13 @@ def plot(results, cfg, out, quick: bool):
                            label=f"padded to {factor} × {MAX_LEN[name]}" if i == 0 else None)
         ax.set_xticks([i * (len(FACTORS) + 1) + 1 for i in range(len(TRAININGS))], TRAININGS)
         task = "reversal" if name == "encoder-decoder" else "tagging"
-        ax.set_title(f"{name} ({task}){' — quick run' if quick else ''}")
+        ax.set_title(f"{name} ({task})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize="small")
     axes[0].set_ylabel("test accuracy (real positions)")
     fig.suptitle(f"trained padded to the longest sequence; test sets padded 1, 2, 8 ×; "
                  f"{len(cfg['seeds'])} seed(s) per point")
-    return save_figure(fig, out / "accuracy.png")
+    return save_figure(fig, out / "accuracy.png", quick=quick)
 
 
 def main(argv=None):
@@ -145,7 +145,7 @@ def main(argv=None):
     runs = [(name, training, seed) for seed in cfg["seeds"] for name in args.models
             for training in TRAININGS]
     results = []
-    for name, training, seed in tqdm(runs, desc="trainings", disable=None):
+    for name, training, seed in tqdm(runs, desc="trainings", disable=not show_progress(args)):
         longest = MAX_LEN[name]
         train_set = batch(name, *make_data(cfg["n_train"], 1000 * seed, longest), longest)
         test = make_data(cfg["n_test"], 1000 * seed + 1, longest)

@@ -130,7 +130,7 @@ def run_point(batch, width, depth, seed, budget_s, cnn=False) -> dict:
     return point
 
 
-def plot(points, cfg, out):
+def plot(points, cfg, out, quick=False):
     plt = cli.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     wmax, bmax = max(cfg["widths"]), max(cfg["batches"])
@@ -145,7 +145,7 @@ def plot(points, cfg, out):
         ax.set_ylabel("median time per call (ms)")
         ax.set_title(f"per-example grad norms, {fixed} {fixed_val}, depth {cfg['depth']}")
         ax.legend()
-    cli.save_figure(fig, out / "speedup.png")
+    cli.save_figure(fig, out / "speedup.png", quick=quick)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     sel = sorted(points, key=lambda p: (p["batch"], p["width"]))
@@ -158,7 +158,7 @@ def plot(points, cfg, out):
     ax.set_ylabel("XLA temp memory (MiB)")
     ax.set_title("compiled temporary memory")
     ax.legend()
-    cli.save_figure(fig, out / "memory.png")
+    cli.save_figure(fig, out / "memory.png", quick=quick)
 
 
 def main(argv=None):
@@ -174,7 +174,8 @@ def main(argv=None):
     start = time.perf_counter()
     f64_err = float64_check(args.seed)
     points = [run_point(b, w, cfg["depth"], args.seed, cfg["budget_s"], args.cnn)
-              for b, w in tqdm(grid, desc="grid points", file=sys.stdout)]
+              for b, w in tqdm(grid, desc="grid points", file=sys.stdout,
+                   disable=not cli.show_progress(args))]
 
     target_point = next((p for p in points if (p["batch"], p["width"], p["depth"]) ==
                          (TARGET["batch"], TARGET["width"], TARGET["depth"])), None)
@@ -199,7 +200,7 @@ def main(argv=None):
                        "vmap_grad/manual (median)"}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
-    plot(points, cfg, args.out)
+    plot(points, cfg, args.out, args.quick)
 
     print(f"{'batch':>6}{'width':>7}{'manual ms':>11}{'vmap ms':>10}{'speedup':>9}"
           f"{'temp MiB m/v':>18}{'rel err':>10}")

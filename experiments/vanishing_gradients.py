@@ -21,16 +21,19 @@ LOSS = jbp.losses.softmax_cross_entropy
 
 def parse_args(argv=None):
     parser = experiment_parser(__doc__.splitlines()[0], "runs/vanishing_gradients")
-    parser.add_argument("--activations", nargs="+", default=["sigmoid", "relu"])
+    parser.add_argument("--activations", nargs="+", default=["sigmoid", "relu"],
+                        help="hidden activations to compare, jbp names")
     parser.add_argument("--depth", type=int, default=8, help="hidden layers")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--width", type=int, default=64,
+                        help="units per hidden layer (--quick: 16)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="passes over the training set (--quick: 2)")
     parser.add_argument("--record-at", type=int, nargs="+", default=[0, 1, 5, 20],
                         help="epochs at which to record the deltas (0: initialisation)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                         help="sgd is the lecture's plain gradient descent")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=100, help="examples per step")
     parser.add_argument("--probe", type=int, default=500,
                         help="training examples on which the deltas are measured")
     args = parser.parse_args(argv)
@@ -71,7 +74,7 @@ def plot(path, results, args):
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("‖∂C/∂z‖ over the probe batch")
     fig.suptitle(f"{args.depth} hidden layers of {args.width}, {args.optimizer} lr {args.lr}")
-    save_figure(fig, path)
+    save_figure(fig, path, quick=args.quick)
 
 
 def main(argv=None):

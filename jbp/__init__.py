@@ -45,6 +45,8 @@ from jbp.layers.serial import mlp, serial
 from jbp.layers.seq2seq import cross_attention, decoder_block, encoder_decoder, on_target
 from jbp.layers.transformer import positional_embedding, transformer_block
 from jbp.train import fit
+from jbp.saving import load_model, predict, register_constructor, save_model
+from jbp.model_summary import print_summary, summary
 from jbp import data_parallel, distributed
 from jbp.data_parallel import data_mesh, data_parallel_value_and_grad
 
@@ -65,8 +67,9 @@ __all__ = [
     # gradients and checking them
     "Loss", "IGNORE_LABEL", "manual_value_and_grad", "autodiff_value_and_grad", "backprop",
     "numerical_value_and_grad", "finite_difference_grad", "compare_grads", "GradComparison",
-    # training
-    "fit",
+    # training, saving, inference, a model's table
+    "fit", "save_model", "load_model", "predict", "register_constructor", "summary",
+    "print_summary",
     # beyond the gradient
     "as_custom_vjp", "per_example_grads", "per_example_grad_norms", "per_example_grad_variance",
     "clipped_grad_mean", "hvp", "ggn_diagonal",

@@ -135,20 +135,27 @@ def generate_mnist1d() -> Dataset:
     return Dataset(**arrays)
 
 
-def load_mnist1d(cache_dir=None) -> Dataset:
+def load_mnist1d(cache_dir=None, *, channels: bool = False) -> Dataset:
     """MNIST-1D: ``x_train (4000, 40)``, ``y_train (4000,)``, ``x_test (1000, 40)``,
     ``y_test (1000,)``; float32 inputs (zero mean, unit std), int32 labels 0–9.
+
+    ``channels=True`` gives the inputs a channel axis, ``x_train (4000, 40, 1)`` and
+    ``x_test (1000, 40, 1)``: a signal of 40 steps with 1 channel, the input of ``conv``
+    (channels last) and of ``rnn``/``gru``/``lstm`` (40 time steps of 1 feature).
 
     Loaded from the cache (see the module docstring for where it lives), or generated
     (a few seconds) and cached atomically when the cache is missing or corrupt.
     """
+    if not isinstance(channels, (bool, np.bool_)):
+        raise ValueError(f"load_mnist1d: channels must be True or False, got {channels!r}")
     path = resolve_cache_dir(cache_dir) / MNIST1D_FILE
     arrays = _load_npz(path, MNIST1D_SHAPES)
-    if arrays is not None:
-        return Dataset(**arrays)
-    data = generate_mnist1d()
-    _save_npz(path, data._asdict())
-    return data
+    if arrays is None:
+        arrays = generate_mnist1d()._asdict()
+        _save_npz(path, arrays)
+    if channels:
+        arrays = {k: v[..., None] if k.startswith("x_") else v for k, v in arrays.items()}
+    return Dataset(**arrays)
 
 
 # ---------------------------------------------------------------------------- MNIST (IDX)

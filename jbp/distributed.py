@@ -38,9 +38,12 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "jax.distributed.initialize() detect Slurm, Open MPI or a TPU slice "
                             "(default: one process)")
     group.add_argument("--num-processes", type=int, default=None,
-                       help="how many processes take part (with --coordinator HOST:PORT)")
+                       help="how many processes take part: needed with --coordinator HOST:PORT, "
+                            "found by --coordinator auto (default: this process alone)")
     group.add_argument("--process-id", type=int, default=None,
-                       help="this process's rank, 0 .. num-processes-1 (with --coordinator)")
+                       help="this process's rank, 0 .. num-processes-1: needed with --coordinator "
+                            "HOST:PORT, found by --coordinator auto (default: this process "
+                            "alone)")
     group.add_argument("--init-timeout", type=int, default=300,
                        help="seconds to wait for every process to connect")
     group.add_argument("--heartbeat-timeout", type=int, default=100,

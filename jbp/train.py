@@ -69,8 +69,10 @@ def _named_optimizer(name: str, learning_rate: float) -> optax.GradientTransform
 
 def make_optimizer(optimizer=None, learning_rate=None) -> optax.GradientTransformation:
     """``None``/``"adam"`` → ``optax.adam(learning_rate)``, ``"sgd"`` → ``optax.sgd``
-    (``learning_rate=None`` means 1e-3). An optax GradientTransformation is returned as it
-    is: it carries its own learning rate, so giving ``learning_rate`` with it is an error."""
+    (``learning_rate=None`` means 1e-3; a positive number, or an optax schedule: a function
+    ``step -> rate`` such as ``optax.cosine_decay_schedule(3e-3, 1000)``). An optax
+    GradientTransformation is returned as it is: it carries its own learning rate, so giving
+    ``learning_rate`` with it is an error."""
     if isinstance(optimizer, optax.GradientTransformation):
         if learning_rate is not None:
             raise ValueError(f"fit: learning_rate={learning_rate!r} does not apply to an optax "
@@ -84,9 +86,12 @@ def make_optimizer(optimizer=None, learning_rate=None) -> optax.GradientTransfor
                          f"{', '.join(map(repr, OPTIMIZERS))} or an optax GradientTransformation")
     if learning_rate is None:
         learning_rate = DEFAULT_LEARNING_RATE
+    if callable(learning_rate):  # an optax schedule: step -> rate
+        return _named_optimizer(optimizer, learning_rate)
     if (not isinstance(learning_rate, (int, float)) or isinstance(learning_rate, bool)
             or not learning_rate > 0):
-        raise ValueError(f"fit: learning_rate must be a positive number, got {learning_rate!r}")
+        raise ValueError(f"fit: learning_rate must be a positive number, got {learning_rate!r} "
+                         f"(or an optax schedule: a function step -> rate)")
     return _named_optimizer(optimizer, float(learning_rate))
 
 
@@ -96,6 +101,8 @@ def describe_optimizer(optimizer, learning_rate, opt_state) -> dict:
     state = str(jax.tree_util.tree_structure(opt_state))
     if isinstance(optimizer, optax.GradientTransformation):
         return {"name": None, "learning_rate": None, "state": state}
+    if callable(learning_rate):  # a schedule: a function cannot be compared across runs
+        return {"name": optimizer or "adam", "learning_rate": "schedule", "state": state}
     rate = DEFAULT_LEARNING_RATE if learning_rate is None else float(learning_rate)
     return {"name": optimizer or "adam", "learning_rate": rate, "state": state}
 
@@ -105,6 +112,8 @@ def _optimizer_text(description) -> str:
         return "an optimizer it did not record"
     if description["name"] is None:
         return f"an optax GradientTransformation with state {description['state']}"
+    if description["learning_rate"] == "schedule":
+        return f"{description['name']!r} with a learning-rate schedule"
     return f"{description['name']!r} with learning_rate {description['learning_rate']:g}"
 
 
@@ -365,8 +374,9 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       key: a PRNG key; it alone decides the shuffling and dropout masks.
       optimizer: ``None``/``"adam"`` (default), ``"sgd"`` (the lecture's plain gradient
         descent), or any optax ``GradientTransformation``.
-      learning_rate: for ``"adam"``/``"sgd"``; None means 1e-3. An optax
-        GradientTransformation carries its own: giving both is an error.
+      learning_rate: for ``"adam"``/``"sgd"``: a positive number (None means 1e-3) or an
+        optax schedule (a function ``step -> rate``). An optax GradientTransformation
+        carries its own: giving both is an error.
       epochs, steps: how long the whole run is, counting what a resumed checkpoint already
         holds; give at most one (default: 10 epochs). An epoch is ``N // batch_size`` steps
         (the remainder of the shuffled data is left out).

@@ -8,6 +8,8 @@ import random
 import numpy as np
 import pytest
 
+import jbp
+
 from jbp import data as jdata
 from jbp.data import Dataset, FileCheck, load_mnist, load_mnist1d, one_hot
 
@@ -252,3 +254,15 @@ def test_download_names_the_file_when_every_mirror_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not download train-images-idx3-ubyte.gz"):
         load_mnist(tmp_path / "dl", download=True, checks=checks)
     assert not list((tmp_path / "dl").iterdir())  # nothing half-written left behind
+
+
+def test_mnist1d_with_a_channel_axis_feeds_a_cnn_and_a_gru(mnist1d_cache):
+    flat, d = load_mnist1d(mnist1d_cache), load_mnist1d(mnist1d_cache, channels=True)
+    assert d.x_train.shape == (4000, 40, 1) and d.x_test.shape == (1000, 40, 1)
+    np.testing.assert_array_equal(d.x_train[..., 0], flat.x_train)
+    np.testing.assert_array_equal(d.y_test, flat.y_test)
+    for model in (jbp.serial(jbp.conv(2, 5), jbp.global_avg_pool(), jbp.dense(10)),
+                  jbp.serial(jbp.gru(3, return_sequences=False), jbp.dense(10))):
+        assert jbp.layer.out_shape(model, d.x_train.shape[1:]) == (10,)
+    with pytest.raises(ValueError, match="channels must be True or False, got 1"):
+        load_mnist1d(mnist1d_cache, channels=1)

@@ -7,6 +7,7 @@ README's main job (compare_training, what ``scripts/run.sh`` runs) and char_lm, 
 compiles run at LLVM optimisation level 0 through XLA_FLAGS, which only a new process reads.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -192,6 +193,34 @@ def test_help_and_a_missing_backend(name, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--platform tpu: no such backend here; available: "):
         script.main(["--quick", "--platform", "tpu", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
+
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_has_help_and_shows_its_default(name, monkeypatch):
+    """--help explains every flag and gives its default (in words where it is None)."""
+    parsers = []
+
+    def capture(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        load_script(name).main(["--help"])
+    (parser,) = parsers
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {"--quick", "--seed", "--out", "--platform", "--no-progress"} <= flags
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{name}: {action.option_strings} has no help text"
+        if action.default is None and not isinstance(action, argparse._StoreTrueAction):
+            assert "default" in action.help, f"{name}: {action.option_strings}: no default"
+    text = parser.format_help()
+    assert "(default: 0)" in text  # --seed: the formatter shows the defaults
 
 
 @pytest.mark.parametrize("models", [("logistic", "mlp", "cnn"), ("gru", "lstm", "transformer")],

@@ -697,13 +697,13 @@ def running(pid: int) -> bool:
 
 # ---------------------------------------------------------------------------- the docs
 
-def test_readme_and_docs_multi_device_examples_run_on_eight_devices(tmp_path_factory, tmp_path):
-    """The README's 8-device example (a bash block, since test_readme.py runs python blocks
-    in a process with one device) runs as written, with this interpreter for .venv's; then
-    docs/scaling.md's python blocks run in order on 8 host devices, and their results live
+def test_docs_multi_device_examples_run_on_eight_devices(tmp_path_factory, tmp_path):
+    """docs/scaling.md's 8-device example (a bash block, since test_readme.py runs python
+    blocks in a process with one device) runs as written, with this interpreter for .venv's;
+    then the page's python blocks run in order on 8 host devices, and their results live
     on all 8. One process for both: each JAX start costs seconds here."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Scaling out"):]
+    page = (ROOT / "docs" / "scaling.md").read_text()
+    section = page[page.index("## In short"):]
     block = re.search(r"```bash\n(XLA_FLAGS=.*?) - <<'EOF'\n(.*?)\nEOF\n```", section, re.S)
     assert block.group(1) == "XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python"
     docs = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)

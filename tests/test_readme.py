@@ -13,14 +13,17 @@ output that way.
 
 import contextlib
 import io
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+REFERENCE = (ROOT / "docs" / "reference.md").read_text()
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 STRICT = {"tutorial.md"}
 
@@ -62,17 +65,64 @@ def _data_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def _isolated(tmp_path, monkeypatch):
-    """A temporary working folder, and jax_enable_x64 put back as it was."""
+    """A temporary working folder (also the temporary folder of ``tempfile``), and
+    jax_enable_x64 put back as it was."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     x64 = jax.config.jax_enable_x64
     yield tmp_path
     jax.config.update("jax_enable_x64", x64)
 
 
+def _repository_files() -> dict:
+    """Every file of the repository (not .git, .venv, caches) with its modification time."""
+    found = {}
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in
+                         ("__pycache__", "runs", "build") and not d.endswith(".egg-info")]
+        for name in files:
+            path = os.path.join(folder, name)
+            found[path] = os.stat(path).st_mtime_ns
+    return found
+
+
+def _models(namespace, found: dict) -> None:
+    """Add every model (a Layer) bound in ``namespace`` to ``found`` (by id)."""
+    import jbp
+
+    for value in namespace.values():
+        if isinstance(value, jbp.Layer):
+            found.setdefault(id(value), value)
+
+
+def _unsummarized(models, namespace) -> list:
+    """The models that ``jbp.summary`` prints for no input shape of the namespace's arrays
+    (each array's shape without its batch axis)."""
+    import jbp
+
+    arrays = [a for a in jax.tree_util.tree_leaves(list(namespace.values()))
+              if isinstance(a, (jax.Array, np.ndarray)) and a.ndim >= 1]
+    shapes = sorted({tuple(a.shape[1:]) for a in arrays}, key=lambda s: (len(s), s))
+    failed = []
+    for model in models:
+        for shape in shapes:
+            try:
+                table = jbp.summary(model, shape)
+            except Exception:  # noqa: BLE001 (not this model's input shape)
+                continue
+            assert table.splitlines()[-1].startswith("total: ")
+            break
+        else:
+            failed.append(model)
+    return failed
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_markdown_python_blocks(path, _isolated):
+    before = _repository_files()
     text = path.read_text()
     namespace = {"__name__": "__main__"}
+    models = {}
     n_run = 0
     for block, shown in runs(text):
         where = f"{path.name}, block at line {block.line}"
@@ -82,6 +132,7 @@ def test_markdown_python_blocks(path, _isolated):
         with contextlib.redirect_stdout(out):
             exec(code, namespace)
         n_run += 1
+        _models(namespace, models)
         printed = out.getvalue()
         if "print(jbp.compare_grads(" in block.body:
             assert "all leaves agree" in printed, where
@@ -94,9 +145,12 @@ def test_markdown_python_blocks(path, _isolated):
     orphans = [b.line for b in blocks(text) if b.lang == "text"
                and b.line not in {s.line for _, s in runs(text) if s is not None}]
     assert not orphans, f"{path.name}: ```text blocks at lines {orphans} follow no python block"
+    assert _repository_files() == before, f"{path.name}: a block wrote into the repository"
+    failed = _unsummarized(models.values(), namespace)
+    assert not failed, f"{path.name}: jbp.summary printed none of {failed}"
     if path.name == "tutorial.md":
         assert n_run > 10
-        assert (_isolated / "docs" / "img" / "reverse_network.png").stat().st_size > 10_000
+        assert (_isolated / "reverse_network.png").stat().st_size > 10_000
         assert (ROOT / "docs" / "img" / "reverse_network.png").is_file()
 
 
@@ -110,7 +164,7 @@ def test_output_check_compares_what_is_printed():
     assert normalize("3\n") != normalize(pairs[0][1])
 
 
-def test_readme_quotes_real_error_message():
+def test_reference_quotes_real_error_message():
     import jax.numpy as jnp
     import jbp
 
@@ -119,4 +173,4 @@ def test_readme_quotes_real_error_message():
     with pytest.raises(ValueError) as err:
         model.apply(params, jnp.ones((32, 39)))
     for text in (str(err.value), *err.value.__notes__):
-        assert " ".join(text.split()) in " ".join(README.split())
+        assert " ".join(text.split()) in " ".join(REFERENCE.split())

@@ -111,6 +111,20 @@ def test_steps_sgd_and_a_custom_gradient_function(setup):
     assert _max_rel(a, b) < 1e-6
 
 
+def test_a_schedule_as_learning_rate_of_a_named_optimizer(setup, tmp_path):
+    schedule = optax.linear_schedule(0.1, 0.01, 6)
+    a, ha = _fit(setup, steps=6, optimizer="sgd", learning_rate=schedule,
+                 checkpoint_dir=tmp_path)
+    b, _ = _fit(setup, steps=6, optimizer=optax.sgd(schedule))
+    assert _max_rel(a, b) < 1e-6 and len(ha["loss"]) == 6
+    meta = checkpoint.read_meta(tmp_path / "checkpoint.npz")
+    assert meta["optimizer"]["learning_rate"] == "schedule"
+    with pytest.raises(ValueError, match="'sgd' with a learning-rate schedule; this run uses "
+                                         "'sgd' with learning_rate 0.1"):
+        _fit(setup, steps=6, optimizer="sgd", learning_rate=0.1, checkpoint_dir=tmp_path,
+             resume=True)
+
+
 def test_pair_data_without_eval_and_dropout_model():
     x, y = _blobs(n=64)
     model = jbp.serial(jbp.dense(16), jbp.relu(), jbp.dropout(0.5), jbp.dense(3))
