@@ -42,8 +42,10 @@ MAX_LEN = {"gru": 30, "transformer": 30, "encoder-decoder": 15}
 MODELS = tuple(MAX_LEN)
 FACTORS = (1, 2, 8)  # test sets padded to 1, 2 and 8 times the longest sequence
 TRAININGS = ("masked manual", "masked autodiff", "unmasked manual")
-FULL = {"n_train": 4096, "n_test": 1024, "epochs": 8, "batch_size": 64, "seeds": (0, 1, 2)}
-QUICK = {"n_train": 64, "n_test": 32, "epochs": 1, "batch_size": 32, "seeds": (0,)}
+FULL = {"n_train": 4096, "n_test": 1024, "epochs": 8, "batch_size": 64, "seeds": (0, 1, 2),
+        "factors": FACTORS}
+QUICK = {"n_train": 64, "n_test": 32, "epochs": 1, "batch_size": 32, "seeds": (0,),
+         "factors": (1, 8)}
 
 
 def make_data(n: int, seed: int, max_len: int = 30):
@@ -116,19 +118,21 @@ def plot(results, cfg, out, quick: bool):
     axes = axes[0]
     for ax, name in zip(axes, names):
         for i, training in enumerate(TRAININGS):
-            for j, factor in enumerate(FACTORS):
+            for j, factor in enumerate(cfg["factors"]):
                 accs = [r["accuracy"][f"x{factor}"] for r in results
                         if r["model"] == name and r["training"] == training]
-                xpos = i * (len(FACTORS) + 1) + j
+                xpos = i * (len(cfg["factors"]) + 1) + j
                 ax.scatter([xpos] * len(accs), accs, color=f"C{j}", s=18,
                            label=f"padded to {factor} × {MAX_LEN[name]}" if i == 0 else None)
-        ax.set_xticks([i * (len(FACTORS) + 1) + 1 for i in range(len(TRAININGS))], TRAININGS)
+        ax.set_xticks([i * (len(cfg["factors"]) + 1) + (len(cfg["factors"]) - 1) / 2
+                       for i in range(len(TRAININGS))], TRAININGS)
         task = "reversal" if name == "encoder-decoder" else "tagging"
         ax.set_title(f"{name} ({task})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize="small")
     axes[0].set_ylabel("test accuracy (real positions)")
-    fig.suptitle(f"trained padded to the longest sequence; test sets padded 1, 2, 8 ×; "
+    fig.suptitle(f"trained padded to the longest sequence; test sets padded "
+                 f"{', '.join(map(str, cfg['factors']))} ×; "
                  f"{len(cfg['seeds'])} seed(s) per point")
     return save_figure(fig, out / "accuracy.png", quick=quick)
 
@@ -159,14 +163,14 @@ def main(argv=None):
             "train_s": time.perf_counter() - t0,
             "accuracy": {f"x{f}": accuracy(build(name, f * longest), params,
                                            *batch(name, *test, f * longest), masked)
-                         for f in FACTORS}})
+                         for f in cfg["factors"]}})
 
     summary = {}
     for name in args.models:
         for training in TRAININGS:
             accs = {f"x{f}": [r["accuracy"][f"x{f}"] for r in results
                               if r["model"] == name and r["training"] == training]
-                    for f in FACTORS}
+                    for f in cfg["factors"]}
             summary[f"{name} {training}"] = {
                 k: {"mean": float(np.mean(a)), "min": float(np.min(a)), "max": float(np.max(a))}
                 for k, a in accs.items()}
@@ -174,14 +178,16 @@ def main(argv=None):
     write_json(args.out / "results.json", {
         "experiment": "padded_sequences", "device": info,
         "config": {**cfg, "quick": args.quick, "seed": args.seed, "models": args.models,
-                   "min_len": MIN_LEN, "max_len": MAX_LEN, "padding_factors": FACTORS,
+                   "min_len": MIN_LEN, "max_len": MAX_LEN,
                    "learning_rate": 3e-3, "optimizer": "adam"},
         "runs": results, "summary": summary, "wall_s": time.perf_counter() - start})
     plot(results, cfg, args.out, args.quick)
 
     print(f"test accuracy on real positions over {len(cfg['seeds'])} seed(s), mean [min, max], "
-          f"test sets padded to 1, 2, 8 × the longest sequence (30; reversal 15)")
-    print(f"{'model':<17}{'training':<17}" + "".join(f"{'× ' + str(f):>22}" for f in FACTORS))
+          f"test sets padded to {', '.join(map(str, cfg['factors']))} × the longest sequence "
+          f"(30; reversal 15)")
+    print(f"{'model':<17}{'training':<17}"
+          + "".join(f"{'× ' + str(f):>22}" for f in cfg["factors"]))
     for key, by_factor in summary.items():
         name, training = key.split(" ", 1)
         print(f"{name:<17}{training:<17}" + "".join(

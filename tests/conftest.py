@@ -95,3 +95,17 @@ def run_main(name: str, args, env: dict | None = None) -> str:
             jax.config.update(k, v)
     assert not isinstance(code, int) or code == 0, out.getvalue()[-4000:]  # some return results
     return out.getvalue()
+
+
+# The longest files first: two workers take whole files in collection order, so a long one
+# taken last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_parallel.py", "test_experiments.py", "test_readme.py",
+                 "test_embedding.py", "test_masks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
