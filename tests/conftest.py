@@ -10,8 +10,15 @@ from pathlib import Path
 
 # Test workers share one machine: on a GPU, each would otherwise take 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The suite's programs run for moments on tiny arrays and compile for seconds: compile them
+# with most of XLA's optimisations off (LLVM at level 0, its expensive passes skipped), here
+# and in every subprocess a test starts (they inherit the environment). The same math,
+# compiled about a third faster; the tests' assertions hold for any CPU's kernels. A test
+# about what XLA's default compile does runs under :func:`default_compile`.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402 (after the environment it reads)
+from jax._src.compiler import _DISABLE_MOST_OPTIMIZATIONS  # noqa: E402 (its current value)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,9 +34,22 @@ settings.load_profile("jbp")
 # differences, with jbp's functions inside) run once or twice on tiny arrays, so compiling
 # them is nearly all their time, about half of it LLVM's optimisation. At XLA's backend
 # optimisation level 0 they compile about twice as fast and compute the same math (the
-# tests' assertions hold for any CPU's kernels). Where a test is about what XLA's default
-# compile does, it uses jax.jit.
+# tests' assertions hold for any CPU's kernels); so does everything else the suite compiles
+# (JAX_DISABLE_MOST_OPTIMIZATIONS above).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@contextlib.contextmanager
+def default_compile():
+    """Compile with XLA's default optimisations inside the block, for a test about what the
+    default compile does (its memory, its fusions). Jit a new function inside: one compiled
+    before keeps its executable."""
+    saved = _DISABLE_MOST_OPTIMIZATIONS.value
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", saved)
 
 # Relative (normwise) tolerance between a hand-written gradient and jax.vjp / jax.grad.
 _RTOL = {"float64": 1e-12, "float32": 1e-5}
