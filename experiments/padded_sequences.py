@@ -27,7 +27,6 @@ as points) into --out.
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 

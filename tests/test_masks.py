@@ -360,6 +360,9 @@ def test_bad_side_inputs_are_refused_naming_the_layer():
         (attend, a_params, {"attention_mask": jnp.ones((2, 4, 3), bool)}, ValueError,
          r"'attention_mask' must be a bool array of shape \(2, 4, 4\)"),
         (attend, a_params, {"lengths": "3"}, TypeError, "'lengths' must be an array"),
+        (attend, a_params, {"source_lengths": jnp.array([1, 2])}, ValueError,
+         r"'source_lengths' was given, but its layers read only \['attention_mask', "
+         r"'key_mask', 'lengths'\]"),
     ]
     for layer, p, side, error, message in cases:
         with pytest.raises(error, match=message):

@@ -378,4 +378,4 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         return projection_grads(params, pairs), cast_like(dx, cache.x)
 
     return Layer(who, init, forward, backward, per_example=rule(causal, block_size),
-                 side_inputs=masks.SIDE_INPUTS)
+                 side_inputs=("lengths", "key_mask", "attention_mask"))

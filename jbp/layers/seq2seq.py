@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import masks
-from jbp.layer import (EXAMPLEWISE, Layer, as_shape, cast_like, check_array, check_like,
-                       constructor, param_dtype, positive_int, run)
+from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, cast_like, check_array,
+                       check_like, constructor, param_dtype, positive_int, run)
 from jbp.layers.activations import gelu
 from jbp.layers.attention import (Cache, attention, attention_core, init_projections,
                                   inputs_and_deltas, merge_heads, projection_grads, rule,
@@ -103,12 +103,13 @@ def cross_attention(heads: int, head_dim: int, source_length: int, *, block_size
         dz = jnp.concatenate([dm, dh], axis=1)
         return projection_grads(params, pairs), cast_like(dz, cache.x)
 
-    def per_example_grads(cache, delta):
-        return base_rule.grads(cache, delta[:, S:])
+    attention_rule = rule(False, block_size)  # on the target's part of the delta
 
-    base_rule = rule(False, block_size)
-    return Layer(who, init, forward, backward, per_example=base_rule._replace(
-        grads=per_example_grads), side_inputs=("source_lengths",))
+    def per_example_grads(cache, delta):
+        return attention_rule.grads(cache, delta[:, S:])
+
+    return Layer(who, init, forward, backward, per_example=PerExampleRule(per_example_grads),
+                 side_inputs=("source_lengths",))
 
 
 @constructor
