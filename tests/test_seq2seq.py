@@ -138,6 +138,47 @@ def test_a_padded_translation_batch_equals_each_pair_alone():
         assert abs(value2 - value) <= 1e-12 * abs(value) and rel_err(grads2, grads) <= 1e-12
 
 
+def test_an_encoder_decoder_through_every_function_built_on_the_backward(tmp_path):
+    """float64, the padded translator with source and target lengths: jax.grad through
+    as_custom_vjp == jax.grad; per-example gradients == vmap of jax.grad on each pair with
+    its lengths; hvp == jvp of jax.grad; and the model saved and loaded is the same model.
+    (ggn_diagonal walks the model as the per-example functions do.)"""
+    with jax.enable_x64(True):
+        model = _translator(3)
+        params = _noisy(model.init(jax.random.key(0), (5,))[1], jnp.float64)
+        rng = np.random.default_rng(4)
+        x = jnp.asarray(rng.integers(0, V, (2, 5)))
+        y = jnp.asarray([[1, IGNORE_LABEL], [2, 3]])
+        s_len, t_len = jnp.array([3, 1]), jnp.array([1, 2])
+        side = {"source_lengths": s_len, "lengths": t_len}
+        v = _noisy(params, jnp.float64, seed=5)
+        custom = jbp.as_custom_vjp(model)
+
+        def cost(p):
+            return CE.value(model.apply(p, x, side=side), y)
+
+        @jit
+        def run(params):
+            def one(p, x_i, y_i, s_i, t_i):
+                one_side = {"source_lengths": s_i[None], "lengths": t_i[None]}
+                return jax.grad(lambda q: CE.value(model.apply(q, x_i[None], side=one_side),
+                                                   y_i[None]))(p)
+
+            return ((jax.grad(lambda p: CE.value(custom(p, x, side=side), y))(params),
+                     jax.grad(cost)(params)),
+                    (jbp.per_example_grads(model, CE)(params, x, y, side=side),
+                     jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params, x, y, s_len, t_len)),
+                    (jbp.hvp(model, CE)(params, x, y, v, side=side),
+                     jax.jvp(jax.grad(cost), (params,), (v,))[1]))
+
+        for got, want in run(params):
+            assert rel_err(got, want) <= 1e-10
+        jbp.save_model(tmp_path / "translator.npz", model, params)
+        loaded, loaded_params, _ = jbp.load_model(tmp_path / "translator.npz")
+        assert loaded == model
+        assert rel_err(loaded_params, params) == 0
+
+
 def test_bad_input_is_named():
     layer = cross_attention(1, 2, 3)
     with pytest.raises(ValueError, match=r"cross_attention\(1, 2, 3\): expects a per-example "
