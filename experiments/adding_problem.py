@@ -54,7 +54,7 @@ def probe(model, params, x, y):
     """``(‖∂C/∂h_t‖ for every step t, over the batch and the units: what BPTT carried
     back; the prediction errors (B, 1))``."""
     _, _, deltas = jbp.backprop(model, LOSS, params, x, y)
-    out, caches = model.forward(params, x)
+    out, caches, _ = model.forward(params, x)
     dh = bptt_deltas(model.layers[0], params[0], caches[0], deltas[0])
     return jnp.linalg.norm(dh, axis=(0, 2)), out - y
 

@@ -73,7 +73,7 @@ def load_corpus():
 def build_model(name, vocab, cfg):
     width = cfg["width"]
     if name == "transformer":
-        blocks = [jbp.transformer_block(cfg["heads"], width // cfg["heads"], 4 * width,
+        blocks = [jbp.transformer_block(width, cfg["heads"], width // cfg["heads"], 4 * width,
                                         causal=True) for _ in range(2)]
         return jbp.serial(jbp.embedding(vocab, width),
                           jbp.positional_embedding(cfg["context"]), *blocks, jbp.dense(vocab))

@@ -42,7 +42,7 @@ def build(name, channels=32, hidden=64):
         return jbp.serial(getattr(jbp, name)(hidden, return_sequences=False),
                           jbp.dense(10)), (40, 1)
     if name == "transformer":  # 10 patches of 4 steps, width `hidden`, 4 heads
-        blocks = [jbp.transformer_block(4, hidden // 4, 2 * hidden) for _ in range(2)]
+        blocks = [jbp.transformer_block(hidden, 4, hidden // 4, 2 * hidden) for _ in range(2)]
         return jbp.serial(jbp.conv(hidden, 4, stride=4), jbp.positional_embedding(10), *blocks,
                           jbp.layer_norm(), jbp.global_avg_pool(), jbp.dense(10)), (40, 1)
     layers = []

@@ -78,12 +78,12 @@ def build(name: str, length: int) -> jbp.Layer:
         core = jbp.serial(jbp.embedding(VOCAB, 16), jbp.bidirectional(jbp.gru(32)))
     elif name == "transformer":
         core = jbp.serial(jbp.embedding(VOCAB, 16), jbp.positional_embedding(8 * 30),
-                          jbp.transformer_block(2, 8, 32, block_size=16))
+                          jbp.transformer_block(16, 2, 8, 32, block_size=16))
     else:
         def embedded():
             return [jbp.embedding(VOCAB + 1, 32), jbp.positional_embedding(8 * 15)]
 
-        encoder = jbp.serial(*embedded(), jbp.transformer_block(4, 8, 64, block_size=16))
+        encoder = jbp.serial(*embedded(), jbp.transformer_block(32, 4, 8, 64, block_size=16))
         decoder = jbp.decoder_block(32, 4, 8, 64, length, block_size=16)
         core = jbp.encoder_decoder(encoder, jbp.serial(*embedded()), decoder, length)
     return jbp.serial(core, jbp.dense(VOCAB if name == "encoder-decoder" else 2))

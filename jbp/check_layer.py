@@ -61,8 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp.check import DEFAULT_RTOL, GradComparison, compare_grads
-from jbp.layer import Layer, check_like, run
-from jbp.per_example import trace
+from jbp.layer import Layer, PerExampleRule, check_like, run
+from jbp.per_example import rule_grads, trace
 
 # In float32, how many times jax.vjp's own error (against float64) a leaf may be off where
 # jax.vjp itself misses the float32 tolerance (see the module docstring).
@@ -440,11 +440,9 @@ def _per_example(layer, params, x, x_other, dy, key, train, state):
         return dp, mixed[i]
 
     grads_alone, leaks = jax.vmap(row)(jnp.arange(batch))
-    grads = trace(layer, params, cache, dy, lambda rule, c, d: rule.grads(c, d), "check_layer")
-    sq_norms = trace(layer, params, cache, dy, lambda rule, c, d: rule.squared_norms(c, d),
-                     "check_layer")
-    sum_sq = trace(layer, params, cache, dy, lambda rule, c, d: rule.sum_of_squares(c, d),
-                   "check_layer")
+    grads = trace(layer, params, cache, dy, rule_grads, "check_layer")
+    sq_norms = trace(layer, params, cache, dy, PerExampleRule.squared_norms, "check_layer")
+    sum_sq = trace(layer, params, cache, dy, PerExampleRule.sum_of_squares, "check_layer")
     zeros = jnp.zeros(batch, dtype)
     want_norms = sum((jnp.sum(g.reshape(batch, -1) ** 2, axis=1)
                       for g in jax.tree_util.tree_leaves(grads_alone)), zeros)

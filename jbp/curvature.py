@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jbp import losses
 from jbp.layers.activations import logistic
 from jbp.grads import manual_value_and_grad
-from jbp.layer import Layer, run
+from jbp.layer import Layer, PerExampleRule, run
 from jbp.per_example import _check, like_params, trace
 
 
@@ -155,8 +155,7 @@ def ggn_diagonal(model: Layer, loss: losses.Loss):
         factor = sqrt_hessian(out, y, weights)
 
         def squares(s):
-            return trace(model, params, cache, s, lambda rule, c, d: rule.sum_of_squares(c, d),
-                         "ggn_diagonal")
+            return trace(model, params, cache, s, PerExampleRule.sum_of_squares, "ggn_diagonal")
 
         per_column = jax.vmap(squares)(factor)
         return like_params(jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_column),

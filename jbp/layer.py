@@ -2,15 +2,31 @@
 
 A layer is an immutable value of pure functions::
 
-    init(key, in_shape)                    -> (out_shape, params)   # shapes per example
-    forward(params, x, *, key, train)      -> (y, cache)            # x: (B, *in_shape)
-    backward(params, cache, dy)            -> (dparams, dx)         # hand-written
-    apply(params, x, *, key, train)        =  forward(...)[0]       # what jax.grad differentiates
+    init(key, in_shape)                                   -> (out_shape, params)
+    forward(params, x, *, key, train, state, side)        -> (y, cache, new_state)
+    backward(params, cache, dy)                           -> (dparams, dx)     # by hand
+    apply(params, x, ...)                                 =  forward(...)[0]   # for jax.grad
 
-``backward`` reverses ``forward`` by hand in ``jax.numpy`` and never calls autodiff.
-``dparams`` has the structure, shapes and dtypes of ``params``, ``dx`` the shape and dtype
-of ``x`` (as ``jax.vjp`` gives them). ``forward`` takes exactly two keywords: ``key`` (a
-PRNG key or None) and ``train`` (a Python bool); anything else is an error.
+Shapes in ``init`` are per example; ``x`` is batch-first. ``backward`` reverses ``forward``
+by hand in ``jax.numpy`` and never calls autodiff. ``dparams`` has the structure, shapes
+and dtypes of ``params``, ``dx`` the shape and dtype of ``x`` (as ``jax.vjp`` gives them).
+Every forward takes the same four keywords, whether it reads them or not:
+
+- ``key``: a PRNG key or None (dropout reads it);
+- ``train``: a Python bool (dropout and batch norm read it);
+- ``state``: the layer's state (batch norm's running statistics), ``{}`` for a layer
+  without state, which gives it back as it came as ``new_state``;
+- ``side``: the side inputs it declares in ``side_inputs`` (:mod:`jbp.masks`: a padded
+  batch's ``lengths``, attention masks), ``{}`` where it declares none.
+
+A forward written for the older protocol (``forward(params, x, *, key, train) -> (y,
+cache)``, with ``state`` for a layer that keeps state) is adapted when the Layer is built.
+
+**The model's boundary** (:func:`run`, which ``apply`` and every function built on the
+backward call) validates once what a model is given: ``train``, ``state``, ``side``, the
+input, and the params against ``jax.eval_shape`` of the model's ``init`` (an error names
+the layer and the path). Inside, layers call their children's forwards unchecked; a leaf
+forward checks only what needs its input (e.g. the input's width against ``W``).
 
 **Composites** (``serial``, ...) write their backward once, as a ``walk``::
 
@@ -22,24 +38,15 @@ the composite's backward with every call of a child's backward replaced by
 result. With ``visit`` calling ``child.backward`` this *is* the backward (the Layer derives
 ``backward`` from it); the gradient functions use other visits to collect each child's
 delta and to check what every backward returns, and the per-example functions to reach
-each layer's (cache, delta) pair. A composite that gives ``backward`` but no ``walk`` is a
-black box: its own backward runs, and it is one layer to the machinery.
+each layer's (params, cache, delta). A composite that gives ``backward`` but no ``walk`` is
+a black box: its own backward runs, and it is one layer to the machinery.
 
-**State** (batch norm's running statistics) is a pytree apart from the params, which the
-optimizer never sees. A layer that keeps state gives ``init_state(in_shape) -> state``, and
-its forward takes one keyword more and gives one value more::
-
-    forward(params, x, *, key, train, state) -> (y, cache, new_state)
-
-(``new_state`` is ``state`` in evaluation mode.) A composite of such layers keeps state too:
-its state mirrors its params (``{}`` for a child without state), :func:`composite_forward`
-gives it the right forward, :func:`composite_init_state` its ``init_state``. A model
-without stateful layers keeps every signature above; :func:`run` calls any layer alike.
-
-**Side inputs** (a padded batch's ``lengths``, attention masks: :mod:`jbp.masks`) reach
-the layers that declare them in ``side_inputs``; their forward takes one keyword more,
-``side`` (a dict of those names). Composites list their children's, take ``side`` and hand
-every child its part, as they thread state; no other layer sees them.
+**State** is a pytree apart from the params, which the optimizer never sees. A layer that
+keeps state gives ``init_state(in_shape) -> state``; a composite's state is a tuple with
+one entry per child (``{}`` for a child without state, :func:`composite_init_state`), and
+a composite without stateful children passes ``{}``. **Side inputs** reach the layers that
+declare them: composites list their children's names and hand every child its part
+(:func:`forward_child`), as they thread state; no other layer sees them.
 
 **Per-example quantities** need a declaration (``per_example``): ``EXAMPLEWISE`` for a
 layer without parameters that maps every example on its own (activations, dropout, serial),
@@ -51,10 +58,12 @@ equal, hash alike (so ``jax.jit`` takes them as static arguments, or as ordinary
 Layer is a pytree without leaves) and print as the call that built them.
 """
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import operator
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -77,27 +86,28 @@ def per_example_rows(a):
 
 
 class PerExampleRule(NamedTuple):
-    """Per-example gradients of a layer with parameters, from its cache and delta.
+    """Per-example gradients of a layer with parameters, from its params, cache and delta.
 
-    Each function takes ``(cache, delta)``: the layer's forward cache and ``delta``, the
-    per-example cotangent of its output (row i is ∂ℓ_i/∂output_i), shape ``(B, ...)``.
-    Only ``grads`` is required; the other two default to sums over ``grads``.
+    Each function takes ``(params, cache, delta)``: the layer's params, its forward cache
+    and ``delta``, the per-example cotangent of its output (row i is ∂ℓ_i/∂output_i), shape
+    ``(B, ...)``. Only ``grads`` is required; the other two default to sums over ``grads``.
     """
 
     grads: Callable  # -> pytree like params, each leaf (B, *leaf.shape): ∇ℓ_i
     sq_norms: Callable | None = None  # -> (B,): Σ over the layer's params of (∂ℓ_i/∂θ)²
     sum_sq: Callable | None = None  # -> pytree like params: Σ_i (∂ℓ_i/∂θ)², element-wise
 
-    def squared_norms(self, cache, delta):
+    def squared_norms(self, params, cache, delta):
         if self.sq_norms is not None:
-            return self.sq_norms(cache, delta)
-        leaves = jax.tree_util.tree_leaves(self.grads(cache, delta))
+            return self.sq_norms(params, cache, delta)
+        leaves = jax.tree_util.tree_leaves(self.grads(params, cache, delta))
         return sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
 
-    def sum_of_squares(self, cache, delta):
+    def sum_of_squares(self, params, cache, delta):
         if self.sum_sq is not None:
-            return self.sum_sq(cache, delta)
-        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), self.grads(cache, delta))
+            return self.sum_sq(params, cache, delta)
+        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0),
+                                      self.grads(params, cache, delta))
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -107,7 +117,7 @@ class Layer:
     Attributes:
       name: short human-readable name, used in error messages and reports.
       init: ``(key, in_shape) -> (out_shape, params)``.
-      forward: ``(params, x, *, key=None, train=False) -> (y, cache)``.
+      forward: ``(params, x, *, key, train, state, side) -> (y, cache, new_state)``.
       backward: ``(params, cache, dy) -> (dparams, dx)``; derived from ``walk`` if omitted.
       layers: the children of a composite, else ``()``.
       walk: a composite's backward through its children (see the module docstring).
@@ -116,6 +126,8 @@ class Layer:
         docstring), else None.
       side_inputs: the names of the side inputs (:mod:`jbp.masks`) the forward reads from
         its ``side`` keyword; a composite's include every child's.
+      info: what the layer's family tells other code (hashable; e.g. an activation's init
+        gain, a recurrent layer's options, a convolution's geometry), else None.
       spec: set by :func:`constructor`: what built the layer, for ``==``, ``hash``, ``repr``.
     """
 
@@ -128,6 +140,7 @@ class Layer:
     per_example: Any = None
     init_state: Callable | None = None
     side_inputs: tuple = ()
+    info: Any = None
     spec: Any = None
 
     def __post_init__(self):
@@ -136,14 +149,11 @@ class Layer:
         for field in ("init", "forward"):
             if not callable(getattr(self, field)):
                 raise TypeError(f"Layer {self.name!r}: {field} must be a function")
-        derived = getattr(self.backward, "walk", None) is self.walk is not None
+        derived = isinstance(self.backward, _WalkBackward) and self.backward.walk is self.walk
         if (self.backward is None) == (self.walk is None) and not derived:
             raise TypeError(f"Layer {self.name!r}: give exactly one of backward (a leaf layer "
                             f"or a black-box composite) and walk (a composite)")
-        if self.per_example not in (None, EXAMPLEWISE) and not isinstance(
-                self.per_example, PerExampleRule):
-            raise TypeError(f"Layer {self.name!r}: per_example must be None, EXAMPLEWISE or a "
-                            f"PerExampleRule, got {self.per_example!r}")
+        _check_rule(self.per_example, self.name)
         object.__setattr__(self, "layers", tuple(self.layers))
         unknown = set(self.side_inputs) - set(masks.SIDE_INPUTS)
         if isinstance(self.side_inputs, str) or unknown:
@@ -154,10 +164,11 @@ class Layer:
         keeping = [c.name for c in self.layers if c.stateful]
         if keeping and self.init_state is None:
             raise TypeError(f"Layer {self.name!r}: its child {keeping[0]} keeps state, so the "
-                            f"composite must too: give init_state and thread state through its "
-                            f"forward (jbp.layer.composite_init_state, composite_forward)")
+                            f"composite must too: give init_state (jbp.layer."
+                            f"composite_init_state) and thread state through its forward")
+        object.__setattr__(self, "forward", _adapted(self.forward))
         if self.backward is None:
-            object.__setattr__(self, "backward", _backward_of(self.walk))
+            object.__setattr__(self, "backward", _WalkBackward(self.walk))
 
     @property
     def stateful(self) -> bool:
@@ -179,7 +190,7 @@ class Layer:
         if self.spec is not None:
             return self.spec.key
         return (self.name, self.init, self.forward, self.backward, self.layers, self.walk,
-                self.per_example, self.init_state, self.side_inputs)
+                self.per_example, self.init_state, self.side_inputs, self.info)
 
     def __eq__(self, other):
         if not isinstance(other, Layer):
@@ -201,17 +212,72 @@ def call_backward(child: Layer, params, cache, dy):
     return child.backward(params, cache, dy)
 
 
-def _backward_of(walk):
+@dataclasses.dataclass(frozen=True)
+class _WalkBackward:
     """A composite's backward: its walk with every child's own backward."""
 
-    def backward(params, cache, dy):
-        return walk(params, cache, dy, call_backward)
+    walk: Callable
 
-    backward.walk = walk
-    return backward
+    def __call__(self, params, cache, dy):
+        return self.walk(params, cache, dy, call_backward)
 
 
-# ---------------------------------------------------------------------------- state
+def _check_rule(rule, who: str) -> None:
+    if rule not in (None, EXAMPLEWISE) and not isinstance(rule, PerExampleRule):
+        raise TypeError(f"Layer {who!r}: per_example must be None, EXAMPLEWISE or a "
+                        f"PerExampleRule, got {rule!r}")
+    for fn in rule if isinstance(rule, PerExampleRule) else ():
+        n = _positional_count(fn)
+        if fn is not None and n is not None and n < 3:
+            raise TypeError(f"Layer {who!r}: a PerExampleRule's functions take (params, cache, "
+                            f"delta); {getattr(fn, '__name__', fn)} takes {n} arguments (the "
+                            f"older (cache, delta)): add params in front")
+
+
+def _positional_count(fn):
+    """How many positional arguments ``fn`` takes (None: unknown, or any number)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OlderForward:
+    """A forward written for the protocol before every forward took ``state`` and ``side``
+    and gave ``new_state``: it is given the keywords it takes, and a ``(y, cache)`` it
+    gives back gets the ``state`` it came with."""
+
+    fn: Callable
+    takes_state: bool
+    takes_side: bool
+
+    def __call__(self, params, x, *, key=None, train=False, state=None, side=None):
+        extra = {"state": state} if self.takes_state else {}
+        if self.takes_side:
+            extra["side"] = side
+        out = self.fn(params, x, key=key, train=train, **extra)
+        return (*out, state) if len(out) == 2 else out
+
+
+def _adapted(forward):
+    """``forward`` in the protocol's one signature (see the module docstring); a forward
+    that names both ``state`` and ``side`` keeps it already."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return forward
+    names = {p.name for p in params}
+    if {"state", "side"} <= names:
+        return forward
+    anything = any(p.kind is p.VAR_KEYWORD for p in params)
+    return _OlderForward(forward, anything or "state" in names, anything or "side" in names)
+
+
+# ---------------------------------------------------------------------------- running
 
 def _empty(tree) -> bool:
     return tree is None or (isinstance(tree, (dict, tuple, list)) and len(tree) == 0)
@@ -230,20 +296,163 @@ def check_state(layer: Layer, state) -> None:
 
 
 def run(layer: Layer, params, x, *, key=None, train=False, state=None, side=None):
-    """Any layer's forward as ``(y, cache, new_state)``; a layer without state gives back
-    the ``state`` it got (None or ``{}``). ``side``: the side inputs (:mod:`jbp.masks`),
-    given to a layer that reads them. A NumPy input becomes a JAX array first (NumPy's
-    float64 is then JAX's default float, not a dtype that layers would ask for by name)."""
+    """A model's forward at its boundary, as ``(y, cache, new_state)``: what the model is
+    given is checked here, once (``train``, ``state``, ``side``, the input, the params and
+    state against the model's ``init``: :func:`check_params`); a model without state gives
+    back the ``state`` it got (None or ``{}``). A NumPy input becomes a JAX array first
+    (NumPy's float64 is then JAX's default float, not a dtype layers would ask for by name)."""
     check_train(train, layer.name)
     check_state(layer, state)
     masks.check_side(layer, side)
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
-    extra = {"side": side or {}} if layer.side_inputs else {}
-    if not layer.stateful:
-        y, cache = layer.forward(params, x, key=key, train=train, **extra)
-        return y, cache, state
-    return layer.forward(params, x, key=key, train=train, state=state, **extra)
+    check_array(x, layer.name)
+    state, side = (state if layer.stateful else {}), (side or {})
+
+    def forward(p, x_):
+        return layer.forward(p, x_, key=key, train=train, state=state, side=side)
+
+    try:
+        check_params(layer, params, x)
+        if layer.stateful:
+            check_params(layer, state, x, "state")
+    except ValueError:  # a shape: the input may be what is wrong, a layer's check says so
+        _raise_input_error(layer, forward, params, x)
+        raise
+    y, cache, new_state = forward(params, x)
+    return y, cache, (new_state if layer.stateful else state)
+
+
+def _raise_input_error(layer: Layer, forward, params, x) -> None:
+    """Raise the error a layer of ``layer`` gives for input ``x`` (its forward run, on the
+    error's path only), if its message names the layer (a check of the input, not an error
+    from deep inside JAX)."""
+    names = tuple(_names(layer))
+    try:
+        forward(params, x)
+    except ValueError as err:
+        if str(err).startswith(names):
+            raise
+    except Exception:
+        pass
+
+
+def _names(layer: Layer):
+    yield layer.name
+    for child in layer.layers:
+        yield from _names(child)
+
+
+@contextlib.contextmanager
+def noting_position(i: int, layer: Layer, parent: str, stage: str):
+    """Re-raise any error from the block with a note of where it happened: ``in the forward
+    of layer 2 (relu) of serial(...)`` (type, message and traceback stay the error's own)."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(f"in the {stage} of layer {i} ({layer.name}) of {parent}")
+        raise
+
+
+@functools.lru_cache(maxsize=512)
+def _expected(layer: Layer, what: str, in_shape: Shape, x64: bool):
+    """ShapeDtypeStructs of what ``layer.init`` (``what="params"``) or ``layer.init_state``
+    (``"state"``) gives for ``in_shape``; None where they refuse ``in_shape`` (then the
+    forward's own input checks speak). ``x64``: part of the key, it decides the dtypes."""
+    make = ((lambda k: layer.init(k, in_shape)[1]) if what == "params"
+            else (lambda k: layer.init_state(in_shape)))
+    try:
+        return jax.eval_shape(make, jax.random.key(0))
+    except Exception:
+        return None
+
+
+def check_params(layer: Layer, tree, x, what: str = "params") -> None:
+    """Raise unless ``tree``, the params (or the state: ``what="state"``), has the structure
+    and shapes that ``layer``'s init gives for ``x``'s per-example shape; the error names
+    the innermost layer that owns the wrong entry, and where it sits in the model."""
+    expected = _expected(layer, what, tuple(x.shape[1:]), bool(jax.config.jax_enable_x64))
+    if expected is not None:
+        _match(layer, what, tree, expected, "")
+
+
+def _describe(tree, keys: bool = True) -> str:
+    if isinstance(tree, Mapping) and keys:
+        return str(sorted(tree))
+    if isinstance(tree, (tuple, list)):
+        return f"{type(tree).__name__} of length {len(tree)}"
+    return type(tree).__name__
+
+
+def _shapes(tree) -> str:
+    if isinstance(tree, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_shapes(v)}" for k, v in tree.items()) + "}"
+    return str(tuple(tree.shape)) if hasattr(tree, "shape") else type(tree).__name__
+
+
+def _match(owner: Layer, what: str, got, expected, path: str) -> None:
+    """Compare ``got`` with ``expected`` node by node; a tuple with one entry per child of
+    ``owner`` (or a single child's params, as ``residual`` holds them) is the child's."""
+    children = owner.layers
+    if len(children) == 1 and not (isinstance(expected, tuple) and len(expected) == 1) \
+            and not path:
+        return _match(children[0], what, got, expected, "")
+    if what == "state" and not isinstance(expected, tuple) and _shapes(got) != _shapes(expected):
+        raise ValueError(f"{owner.name}: state{path} must be {_shapes(expected)}, got "
+                         f"{_shapes(got)}; is it the state of another model?")
+    if isinstance(expected, Mapping):
+        if not expected and not _empty(got):
+            raise TypeError(f"{owner.name}: this layer has no weights, its params must be "
+                            f"{{}}, got {type(got).__name__}")
+        if expected and (not isinstance(got, Mapping) or set(got) != set(expected)):
+            keys = sorted(expected)
+            raise TypeError(f"{owner.name}: {what}{path} must be a dict with "
+                            f"{'the key' if len(keys) == 1 else 'keys'} {keys}, got "
+                            f"{_describe(got)}")
+        for k in expected:
+            _match(owner, what, got[k], expected[k], f"{path}[{k!r}]")
+    elif isinstance(expected, (tuple, list)):
+        per_child = len(children) == len(expected) and not path
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            each = "one entry per child" if what == "state" else "one entry per layer"
+            raise (ValueError if what == "state" else TypeError)(
+                f"{owner.name}: {what}{path} must be a tuple with "
+                f"{each if per_child else 'one entry each'} ({len(expected)}), got "
+                f"{_describe(got, keys=False)}" + ("; is it the state of another model?"
+                                       if what == "state" else ""))
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if per_child:
+                with noting_position(i, children[i], owner.name, "forward"):
+                    _match(children[i], what, g, e, "")
+            else:
+                _match(owner, what, g, e, f"{path}[{i}]")
+    elif expected is None:
+        if got is not None:
+            raise TypeError(f"{owner.name}: {what}{path} must be None, got {_describe(got)}")
+    elif not hasattr(got, "shape"):
+        raise TypeError(f"{owner.name}: {what}{path} must be an array of shape "
+                        f"{tuple(expected.shape)}, got {type(got).__name__}")
+    elif tuple(got.shape) != tuple(expected.shape):
+        raise ValueError(f"{owner.name}: expected {what}{path} shaped {tuple(expected.shape)}, "
+                         f"got {tuple(got.shape)}")
+
+
+def forward_child(child: Layer, params, x, *, key, train, state, side):
+    """A child's forward inside a composite's: unchecked (the model's boundary checked what
+    it was given), with the child's part of ``side`` (:func:`jbp.masks.side_for`)."""
+    return child.forward(params, x, key=key, train=train, state=state,
+                         side=masks.side_for(child, side))
+
+
+def child_states(state, n: int) -> tuple:
+    """A composite's ``state`` as one entry per child (``{}`` each for a composite whose
+    children keep none)."""
+    return tuple(state) if not _empty(state) else ({},) * n
+
+
+def composite_state(states) -> Any:
+    """The children's new states as the composite's: a tuple, or ``{}`` if none keeps any."""
+    return tuple(states) if not all(_empty(s) for s in states) else {}
 
 
 def out_shape(layer: Layer, in_shape) -> Shape:
@@ -264,33 +473,6 @@ def composite_init_state(children, in_shapes):
     """A composite's state: a tuple with ``child.init_state(in_shape)`` for every child that
     keeps state and ``{}`` for the others (``in_shapes``: each child's per-example input)."""
     return tuple(c.init_state(s) if c.stateful else {} for c, s in zip(children, in_shapes))
-
-
-def composite_forward(run_children, children, who: str):
-    """The forward of a composite, from ``run_children(params, x, key, train, state, side)
-    -> (y, cache, new_state)`` (``state``: a tuple, one entry per child, as
-    :func:`composite_init_state` builds it; ``side``: the side inputs, which the children
-    take through :func:`run` with :func:`jbp.masks.side_for`): with a ``state`` keyword if
-    a child keeps state, else the plain ``(y, cache)`` forward (the children then get
-    ``{}``). Either takes ``side``."""
-    n = len(children)
-
-    if not any(c.stateful for c in children):
-        def forward(params, x, *, key=None, train=False, side=None):
-            return run_children(params, x, key, train, ({},) * n, side)[:2]
-
-        return forward
-
-    def forward(params, x, *, key=None, train=False, state=None, side=None):
-        if not isinstance(state, (tuple, list)) or len(state) != n:
-            got = (f"a {type(state).__name__} of length {len(state)}"
-                   if isinstance(state, (tuple, list)) else type(state).__name__)
-            raise ValueError(f"{who}: state must be a tuple with one entry per child ({n}), "
-                             f"got {got}; is it the state of another model?")
-        y, cache, new_state = run_children(params, x, key, train, tuple(state), side)
-        return y, cache, tuple(new_state)
-
-    return forward
 
 
 # ---------------------------------------------------------------------------- constructors
@@ -356,23 +538,31 @@ def constructor(fn: Callable) -> Callable:
         layer = fn(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        shown = []
-        for name, value in bound.arguments.items():
-            param = signature.parameters[name]
-            if param.kind is param.VAR_POSITIONAL:
-                shown += [_show(v) for v in value]
-            elif param.kind is param.VAR_KEYWORD:
-                shown += [f"{k}={_show(v)}" for k, v in value.items()]
-            elif param.default is param.empty:
-                shown.append(_show(value))
-            elif not _same(value, param.default):
-                shown.append(f"{name}={_show(value)}")
         key = (f"{fn.__module__}.{fn.__qualname__}",
                tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
-        text = f"{fn.__name__}({', '.join(shown)})"
-        return dataclasses.replace(layer, spec=_Spec(key, text))
+        return dataclasses.replace(layer, spec=_Spec(key, call_text(fn, *args, **kwargs)))
 
     return build
+
+
+def call_text(fn: Callable, *args, **kwargs) -> str:
+    """The call ``fn(*args, **kwargs)`` as :func:`constructor` shows it (defaults left out),
+    e.g. for a layer's name: ``conv(8, 3, stride=2)``."""
+    signature = inspect.signature(fn)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    shown = []
+    for name, value in bound.arguments.items():
+        param = signature.parameters[name]
+        if param.kind is param.VAR_POSITIONAL:
+            shown += [_show(v) for v in value]
+        elif param.kind is param.VAR_KEYWORD:
+            shown += [f"{k}={_show(v)}" for k, v in value.items()]
+        elif param.default is param.empty:
+            shown.append(_show(value))
+        elif not _same(value, param.default):
+            shown.append(f"{name}={_show(value)}")
+    return f"{fn.__name__}({', '.join(shown)})"
 
 
 def _same(a, b) -> bool:
@@ -405,9 +595,28 @@ def positive_int(value, what: str, who: str) -> int:
     return n
 
 
-def as_shape(in_shape, who: str) -> Shape:
+def positive_number(value, what: str, who: str) -> float:
+    """``value`` if it is a real number > 0 (not a bool), or a ValueError naming ``who``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+            or not value > 0:
+        raise ValueError(f"{who}: {what} must be a positive number, got {value!r}")
+    return value
+
+
+def boolean(value, what: str, who: str) -> bool:
+    """``value`` if it is a bool, or a TypeError naming ``who`` (a string such as ``"no"``
+    would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{who}: {what} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def as_shape(in_shape, who: str, *, ndim: int | None = None, min_ndim: int = 0,
+             layout: str = "") -> Shape:
     """``in_shape`` as a tuple of positive Python ints (each of any integer type), or an error
-    that names ``who``: a float (``8.7``), a bool or a string is refused, not coerced."""
+    that names ``who``: a float (``8.7``), a bool or a string is refused, not coerced. With
+    ``ndim`` (exactly) or ``min_ndim`` (at least) axes, else an error that shows ``layout``
+    (e.g. ``"(T, d_model)"``)."""
     if isinstance(in_shape, (str, bytes)) or not hasattr(in_shape, "__iter__"):
         raise TypeError(f"{who}: in_shape must be a tuple of ints (per example, no batch "
                         f"dimension), got {in_shape!r}")
@@ -418,6 +627,8 @@ def as_shape(in_shape, who: str) -> Shape:
                         f"dimension), got {in_shape!r}")
     if any(d <= 0 for d in shape):
         raise ValueError(f"{who}: in_shape must hold positive sizes, got {shape}")
+    if len(shape) < min_ndim or (ndim is not None and len(shape) != ndim):
+        raise ValueError(f"{who}: expects a per-example shape {layout}, got {shape}")
     return shape
 
 
@@ -442,13 +653,6 @@ def check_array(x, who: str) -> None:
     """Raise a TypeError unless ``x`` is an array (has a shape and a dtype)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{who}: input must be an array, got {type(x).__name__}")
-
-
-def check_empty_params(params: Params, who: str) -> None:
-    """Raise a TypeError unless ``params`` is the empty entry of a weightless layer."""
-    if params is not None and not (isinstance(params, (dict, tuple, list)) and len(params) == 0):
-        raise TypeError(f"{who}: this layer has no weights, its params must be {{}}, "
-                        f"got {type(params).__name__}")
 
 
 def check_train(train, who: str) -> None:

@@ -48,7 +48,7 @@ def _unsupported(who: str, layer: Layer, why: str) -> ValueError:
 
 
 def _visitor(hook, who: str):
-    """The ``visit`` of a per-example walk: ``hook(rule, cache, delta)`` at every layer with
+    """The ``visit`` of a per-example walk: ``hook(rule, params, cache, delta)`` at every layer with
     parameters, composites walked through, the layers' own backwards for ``dx``."""
 
     def visit(layer: Layer, params, cache, delta):
@@ -58,7 +58,7 @@ def _visitor(hook, who: str):
         if isinstance(declared, PerExampleRule):
             # The layer's own backward gives dx; its batch-summed dparams go unused (jit drops them).
             _, dx = layer.backward(params, cache, delta)
-            return hook(declared, cache, delta), dx
+            return hook(declared, params, cache, delta), dx
         if layer.walk is not None:
             return layer.walk(params, cache, delta, visit)
         if jax.tree_util.tree_leaves(params):
@@ -93,11 +93,16 @@ def _forward(model: Layer, loss: Loss, params, x, y, key, train, state, side, wh
 def trace(model: Layer, params, cache, dout, hook, who: str):
     """Walk ``model``'s backward from the per-example output cotangent ``dout``.
 
-    ``hook(rule, cache, delta)`` runs at every layer with parameters; the result mirrors
+    ``hook(rule, params, cache, delta)`` runs at every layer with parameters; the result mirrors
     ``params``. This is the building block of the functions below
     and of :mod:`jbp.curvature` (which starts from factors of the loss Hessian instead).
     """
     return _visitor(hook, who)(model, params, cache, dout)[0]
+
+
+def rule_grads(rule: PerExampleRule, params, cache, delta):
+    """The hook of :func:`trace` that gives every layer's ∇ℓ_i."""
+    return rule.grads(params, cache, delta)
 
 
 def like_params(tree, params):
@@ -106,7 +111,7 @@ def like_params(tree, params):
 
 
 def _norms(model, params, cache, dout, who):
-    sq = trace(model, params, cache, dout, lambda rule, c, d: rule.squared_norms(c, d), who)
+    sq = trace(model, params, cache, dout, PerExampleRule.squared_norms, who)
     return jnp.sqrt(sum(jax.tree_util.tree_leaves(sq), jnp.zeros(dout.shape[0], dout.dtype)))
 
 
@@ -122,8 +127,7 @@ def per_example_grads(model: Layer, loss: Loss):
 
     def grads(params, x, y, *, key=None, train=False, state=None, side=None):
         cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
-        return like_params(trace(model, params, cache, dout, lambda rule, c, d: rule.grads(c, d), who),
-                           params)
+        return like_params(trace(model, params, cache, dout, rule_grads, who), params)
 
     return grads
 
@@ -155,11 +159,11 @@ def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
     if not isinstance(ddof, int) or ddof < 0:
         raise ValueError(f"{who}: ddof must be a non-negative int, got {ddof!r}")
 
-    def mean(rule, cache, delta):
-        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), rule.grads(cache, delta))
+    def mean(rule, p, cache, delta):
+        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), rule.grads(p, cache, delta))
 
-    def sq_dev(rule, cache, delta):
-        g = rule.grads(cache, delta)
+    def sq_dev(rule, p, cache, delta):
+        g = rule.grads(p, cache, delta)
         return jax.tree_util.tree_map(lambda leaf: jnp.sum((leaf - jnp.mean(leaf, axis=0)) ** 2,
                                                            axis=0), g)
 

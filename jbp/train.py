@@ -37,6 +37,7 @@ from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
                             make_evaluator)
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
 from jbp.layer import Layer, check_state
+from jbp.layers.conv import Convolution
 from jbp.losses import Loss
 from jbp.masks import WithSide, rows, split_side
 
@@ -153,8 +154,7 @@ def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
 
 def _has_conv(layer: Layer) -> bool:
     """Whether ``layer`` or a layer inside it is a ``jbp.conv``."""
-    built_by = layer.spec.key[0] if layer.spec is not None else ""
-    return built_by == "jbp.layers.conv.conv" or any(_has_conv(c) for c in layer.layers)
+    return isinstance(layer.info, Convolution) or any(_has_conv(c) for c in layer.layers)
 
 
 def _as_key(key):

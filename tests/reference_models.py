@@ -129,8 +129,8 @@ def black_box_sum(a, b):
         return shape, (pa, b.init(kb, in_shape)[1])
 
     def forward(params, x, *, key=None, train=False):
-        ya, ca = a.forward(params[0], x)
-        yb, cb = b.forward(params[1], x)
+        ya, ca, _ = a.forward(params[0], x)  # every forward gives (y, cache, new_state)
+        yb, cb, _ = b.forward(params[1], x)
         return ya + yb, (ca, cb)
 
     def backward(params, cache, dy):

@@ -56,7 +56,7 @@ def _three_derivatives(layer, params, x, dy):
     """Forward values and (dparams, dx) by the hand-written backward, by jax.vjp of the
     layer's forward and by jax.vjp of the plain attention."""
     heads, causal = layer.spec.key[1][0][1], dict(layer.spec.key[1])["causal"]
-    y, cache = layer.forward(params, x)
+    y, cache, _ = layer.forward(params, x)
     manual = layer.backward(params, cache, dy)
     own = jax.vjp(layer.apply, params, x)[1](dy)
     y_plain, vjp_plain = jax.vjp(lambda p, x_: plain_attention(p, x_, heads, causal), params, x)
@@ -107,7 +107,7 @@ def test_check_layer_with_a_saturated_softmax():
     dy = jnp.asarray(rng.normal(size=(4, 20, 6)), jnp.float32)
 
     def manual_and_vjp(params, x, dy):
-        y, cache = layer.forward(params, x)
+        y, cache, _ = layer.forward(params, x)
         vjp = jax.vjp(lambda p, x_: layer.forward(p, x_)[0], params, x)[1]
         return layer.backward(params, cache, dy), vjp(dy)
 
@@ -159,7 +159,7 @@ def test_central_differences():
 
         @jit
         def run(theta, directions):
-            y, cache = layer.forward(*theta)
+            y, cache, _ = layer.forward(*theta)
             dparams, dx = layer.backward(theta[0], cache, MSE.grad(y, target))
             manual = [sum(jnp.vdot(g, u) for g, u in zip(jax.tree_util.tree_leaves((dparams, dx)),
                                                          jax.tree_util.tree_leaves(d)))
@@ -211,7 +211,7 @@ VOCAB, T, MAX_LEN, BLOCK = 6, 5, 8, 2
 def _language_model(dtype):
     return jbp.serial(jbp.embedding(VOCAB, 4, dtype=dtype),
                       jbp.positional_embedding(MAX_LEN, dtype=dtype),
-                      jbp.transformer_block(2, 2, 6, causal=True, block_size=BLOCK, dtype=dtype),
+                      jbp.transformer_block(4, 2, 2, 6, causal=True, block_size=BLOCK, dtype=dtype),
                       jbp.dense(VOCAB, dtype=dtype))
 
 
@@ -283,7 +283,7 @@ def test_positional_embedding():
         dy = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 4)))
         sin = jbp.positional_embedding(5, "sinusoidal")
         assert sin.init(jax.random.key(0), (3, 4)) == ((3, 4), {})
-        y, cache = sin.forward({}, x)
+        y, cache, _ = sin.forward({}, x)
         table = np.array([[0, 1, 0, 1], [np.sin(1), np.cos(1), np.sin(0.01), np.cos(0.01)],
                           [np.sin(2), np.cos(2), np.sin(0.02), np.cos(0.02)]])
         np.testing.assert_allclose(y - x, np.broadcast_to(table, x.shape), rtol=1e-15, atol=1e-15)
@@ -293,13 +293,13 @@ def test_positional_embedding():
 
         learned = jbp.positional_embedding(5)
         params = {"P": jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)))}
-        y, cache = learned.forward(params, x)
+        y, cache, _ = learned.forward(params, x)
         np.testing.assert_array_equal(y, x + params["P"][:3])
         dparams, dx = learned.backward(params, cache, dy)
         want = jax.vjp(learned.apply, params, x)[1](dy)
         assert rel_err((dparams, dx), want) == 0
         np.testing.assert_array_equal(dparams["P"][3:], 0)
-        per_example = learned.per_example.grads(cache, dy)["P"]
+        per_example = learned.per_example.grads(params, cache, dy)["P"]
         assert per_example.shape == (2, 5, 4)
         np.testing.assert_array_equal(per_example.sum(0), dparams["P"])
 
@@ -324,9 +324,8 @@ def test_bad_input_is_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"^attention\(2, 3\): expects a per-example shape "
                                          r"\(T, d_model\), got \(5,\)"):
         layer.init(jax.random.key(0), (5,))
-    with pytest.raises(ValueError, match=r"^attention\(3, 3\): expected params\['o'\] shaped "
-                                         r"\{'W': \(9, d_model\), 'b': \(d_model,\)\} "
-                                         r"\(heads·head_dim 9\), got \{'W': \(6, 5\)"):
+    with pytest.raises(ValueError, match=r"^attention\(3, 3\): expected params\['k'\]\['W'\] "
+                                         r"shaped \(5, 9\), got \(5, 6\)"):
         jbp.attention(3, 3).apply(params, jnp.ones((2, 4, 5)))
     with pytest.raises(TypeError, match=r"^attention\(2, 3\): params must be a dict with keys"):
         layer.apply({"W": 1}, jnp.ones((2, 4, 5)))
@@ -351,18 +350,23 @@ def test_bad_input_is_refused_naming_the_layer():
         with pytest.raises(ValueError, match=r"^positional_embedding: " + what):
             jbp.positional_embedding(*args)
 
-    block = jbp.transformer_block(2, 2, 6)
-    bp = _shapes(block, (3, 4))
-    with pytest.raises(ValueError, match=r"^transformer_block\(2, 2, 6\): expected input of "
-                                         r"shape \(B, T, 4\) .*got \(1, 3, 5\)"):
+    block = jbp.transformer_block(4, 2, 2, 6)
+    bp = block.init(jax.random.key(0), (3, 4))[1]
+    with pytest.raises(ValueError, match=r"^layer_norm: expected input of shape \(\.\.\., 4\) .*"
+                                         r"got \(1, 3, 5\)\nin the forward of layer 0 \(layer_norm\)"):
         block.apply(bp, jnp.ones((1, 3, 5)))
-    with pytest.raises(ValueError, match=r"^transformer_block\(2, 2, 6\): expected input of "
-                                         r"shape \(B, T, d\), got \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"^attention\(2, 2\): expected input of shape "
+                                         r"\(B, T, 4\) .*got \(3, 4\)"):
         block.apply(bp, jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"^transformer_block\(4, 2, 2, 6\): expects a per-example "
+                                         r"shape \(T, 4\), got \(3, 5\)"):
+        block.init(jax.random.key(0), (3, 5))
     with pytest.raises(ValueError, match=r"^attention: heads must be a positive int"):
-        jbp.transformer_block(0, 2, 6)
+        jbp.transformer_block(4, 0, 2, 6)
     with pytest.raises(ValueError, match=r"^transformer_block: mlp_hidden must be a positive int"):
-        jbp.transformer_block(2, 2, 0)
+        jbp.transformer_block(4, 2, 2, 0)
+    with pytest.raises(ValueError, match=r"^transformer_block: d_model must be a positive int"):
+        jbp.transformer_block(0, 2, 2, 6)
 
 
 def _shapes(layer, in_shape):
@@ -377,5 +381,5 @@ def test_models_are_values():
     assert jbp.attention(2, 3, causal=True) == jbp.attention(2, 3, causal=True)
     assert jbp.attention(2, 3) != jbp.attention(2, 3, block_size=4)
     assert repr(jbp.attention(2, 3, causal=True)) == "attention(2, 3, causal=True)"
-    assert jbp.transformer_block(2, 2, 6) == jbp.transformer_block(2, 2, 6)
+    assert jbp.transformer_block(4, 2, 2, 6) == jbp.transformer_block(4, 2, 2, 6)
     assert hash(jbp.positional_embedding(8)) == hash(jbp.positional_embedding(8))

@@ -36,7 +36,7 @@ def test_training_mode_is_layer_norm_of_the_transposed_batch():
         y, cache, new_state = bn.forward(params, x, train=True, state=bn.init_state((4,)))
         dp, dx = bn.backward(params, cache, dy)
         ones = {"scale": jnp.ones(6), "offset": jnp.zeros(6)}
-        x_hat_t, ln_cache = ln.forward(ones, x.T)
+        x_hat_t, ln_cache, _ = ln.forward(ones, x.T)
         np.testing.assert_allclose(y, params["scale"] * x_hat_t.T + params["offset"], rtol=1e-13)
         _, dx_t = ln.backward(ones, ln_cache, (params["scale"] * dy).T)
         np.testing.assert_allclose(dx, dx_t.T, rtol=1e-12, atol=1e-14)
@@ -231,7 +231,7 @@ def test_bad_input_gets_a_clear_error():
     bn = jbp.batch_norm()
     bn_params, bn_state = bn.init(jax.random.key(0), (3,))[1], bn.init_state((3,))
     with pytest.raises(TypeError, match=r"batch_norm: train must be a Python bool"):
-        jax.jit(lambda t: bn.forward(bn_params, jnp.ones((4, 3)), train=t, state=bn_state))(True)
+        jax.jit(lambda t: bn.apply(bn_params, jnp.ones((4, 3)), train=t, state=bn_state))(True)
     wrong = jbp.serial(jbp.dense(4), jbp.batch_norm()).init_state((2,))
     with pytest.raises(ValueError, match=r"batch_norm: state must be \{'mean': \(3,\).*another model"):
         manual(params, x, y, state=state[:2] + (wrong[1],) + state[3:])

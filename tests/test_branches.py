@@ -49,7 +49,7 @@ def test_the_identity_path_adds_its_delta():
     layer = jbp.residual(jbp.dense(3))
     params = {"W": jnp.zeros((3, 3)), "b": jnp.zeros(3)}
     x, dy = jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3)
-    y, cache = layer.forward(params, x)
+    y, cache, _ = layer.forward(params, x)
     dparams, dx = layer.backward(params, cache, dy)
     np.testing.assert_array_equal(y, x)
     np.testing.assert_array_equal(dx, dy)

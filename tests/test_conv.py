@@ -18,14 +18,14 @@ from jax import lax
 import jbp
 from conftest import cast, rel_err, rtol
 from reference_models import assert_three_witnesses_agree
-from jbp.layers import conv as convmod
+from jbp.layers import conv_geometry as convmod
 
 CE = jbp.losses.softmax_cross_entropy
 
 
 def _vjp_pair(layer, params, x, dy):
     """(manual, reference) pairs of (dparams, dx) for the cotangent dy."""
-    _, cache = layer.forward(params, x)
+    _, cache, _ = layer.forward(params, x)
     manual = layer.backward(params, cache, dy)
     _, vjp = jax.vjp(layer.apply, params, x)
     return manual, vjp(dy)
@@ -275,7 +275,7 @@ def test_avg_pool_divisor_counts_only_real_inputs():
 
 def test_global_avg_pool_is_the_mean_over_positions():
     x = jnp.arange(24.0).reshape(2, 3, 2, 2)
-    y, cache = jbp.global_avg_pool().forward({}, x)
+    y, cache, _ = jbp.global_avg_pool().forward({}, x)
     np.testing.assert_array_equal(y, x.mean(axis=(1, 2)))
     _, dx = jbp.global_avg_pool().backward({}, cache, jnp.ones((2, 2)))
     np.testing.assert_array_equal(dx, jnp.full(x.shape, 1 / 6))
@@ -416,10 +416,10 @@ def test_sq_norm_paths_agree(geometry):
 # ---------------------------------------------------------------------------- dtypes, values
 
 def _mixed(layer, params, x):
-    y, cache = layer.forward(params, x)
+    y, cache, _ = layer.forward(params, x)
     dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
     _, vjp = jax.vjp(lambda p: layer.apply(p, x), params)
-    pools = [pool.backward({}, *pool.forward({}, x)[::-1])[1] for pool in (
+    pools = [pool.backward({}, *pool.forward({}, x)[1::-1])[1] for pool in (
         jbp.max_pool(2), jbp.avg_pool(2, padding="SAME"), jbp.global_avg_pool())]
     return y, dparams, dx, vjp(jnp.ones_like(y))[0], pools
 

@@ -33,7 +33,7 @@ def test_repeated_ids_accumulate_and_ids_get_float0():
     E = jnp.arange(10.0).reshape(5, 2)
     ids = jnp.array([[1, 1, 3], [1, 0, 0]])
     dy = jnp.arange(12.0).reshape(2, 3, 2) + 1
-    y, cache = layer.forward({"E": E}, ids)
+    y, cache, _ = layer.forward({"E": E}, ids)
     np.testing.assert_array_equal(y, E[ids])
     (dp, dx) = layer.backward({"E": E}, cache, dy)
     want = np.zeros((5, 2))
@@ -69,7 +69,7 @@ def _every_new_layer(dtype):
 def _sequence_model(dtype):
     """embedding, positional embedding, a causal transformer block, a GRU (last state)."""
     return jbp.serial(jbp.embedding(7, 4, dtype=dtype), jbp.positional_embedding(4, dtype=dtype),
-                      jbp.transformer_block(2, 2, 6, causal=True, block_size=3, dtype=dtype),
+                      jbp.transformer_block(4, 2, 2, 6, causal=True, block_size=3, dtype=dtype),
                       jbp.gru(3, return_sequences=False, dtype=dtype), jbp.dense(3, dtype=dtype))
 
 
@@ -215,7 +215,7 @@ def _broken_embedding(mix=False):
     good = jbp.embedding(6, 3)
 
     def forward(params, ids, *, key=None, train=False):
-        y, cache = good.forward(params, ids)
+        y, cache, _ = good.forward(params, ids)
         return (y + jnp.mean(y, axis=0) if mix else y), cache
 
     def backward(params, ids, dy):
@@ -259,8 +259,8 @@ def test_bad_input_is_refused_naming_the_layer():
     ids = jnp.array([[1, 2, 3], [4, 5, 6]])
     np.testing.assert_array_equal(jax.vmap(lambda i: layer.apply(params, i))(ids),
                                   layer.apply(params, ids))
-    with pytest.raises(ValueError, match=r"embedding\(10, 4\): expected E of shape \(10, 4\), "
-                                         r"got \(4, 10\)"):
+    with pytest.raises(ValueError, match=r"embedding\(10, 4\): expected params\['E'\] shaped "
+                                         r"\(10, 4\), got \(4, 10\)"):
         layer.apply({"E": jnp.ones((4, 10))}, jnp.ones((2, 3), int))
     with pytest.raises(TypeError, match=r"embedding\(10, 4\): params must be a dict with the key "
                                         r"\['E'\], got \['W', 'b'\]"):

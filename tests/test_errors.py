@@ -53,14 +53,15 @@ def test_params_of_wrong_structure(net):
     x = jnp.ones((2, 4))
     with pytest.raises(TypeError, match=r"one entry per layer \(3\), got tuple of length 2"):
         model.apply(params[:2], x)
-    with pytest.raises(TypeError, match=r"serial: params must be a tuple.*got dict"):
+    with pytest.raises(TypeError, match=r"^mlp\(.*\): params must be a tuple.*got dict"):
         model.apply({"W": 1}, x)
     bad = ({"W": params[0]["W"]},) + params[1:]
     with pytest.raises(TypeError, match=r"dense\(8\): params must be a dict with keys "
                                         r"\['W', 'b'\], got \['W'\]\nin the forward of layer 0"):
         model.apply(bad, x)
     bad = ({"W": params[0]["W"][:, :7], "b": params[0]["b"]},) + params[1:]
-    with pytest.raises(ValueError, match=r"expected W of shape \(in, 8\).*got W \(4, 7\)"):
+    with pytest.raises(ValueError, match=r"dense\(8\): expected params\['W'\] shaped \(4, 8\), got "
+                                         r"\(4, 7\)\nin the forward of layer 0"):
         model.apply(bad, x)
     bad = (params[0], {"W": jnp.ones(1)}, params[2])
     with pytest.raises(TypeError, match=r"relu: this layer has no weights.*\nin the forward of "
@@ -176,7 +177,7 @@ def test_every_integer_type_is_a_size():
     i = np.int64
     built = [(jbp.dense(i(8)), jbp.dense(8)), (jbp.attention(i(2), i(4)), jbp.attention(2, 4)),
              (jbp.positional_embedding(i(8)), jbp.positional_embedding(8)),
-             (jbp.transformer_block(i(2), i(2), i(8)), jbp.transformer_block(2, 2, 8)),
+             (jbp.transformer_block(i(4), i(2), i(2), i(8)), jbp.transformer_block(4, 2, 2, 8)),
              (jbp.mlp([i(4), i(3)]), jbp.mlp([4, 3])), (jbp.conv(i(3), i(2)), jbp.conv(3, 2)),
              (jbp.embedding(i(5), i(2)), jbp.embedding(5, 2)), (jbp.maxout(i(2)), jbp.maxout(2)),
              (jbp.max_pool(i(2)), jbp.max_pool(2))]

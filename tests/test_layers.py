@@ -34,7 +34,7 @@ LAYERS = [
 
 def vjp_pair(layer, params, x, dy, **kwargs):
     """(manual, reference) pairs of (dparams, dx) for cotangent dy."""
-    y, cache = layer.forward(params, x, **kwargs)
+    y, cache, _ = layer.forward(params, x, **kwargs)
     manual = layer.backward(params, cache, dy)
     _, vjp = jax.vjp(lambda p, x_: layer.apply(p, x_, **kwargs), params, x)
     return manual, vjp(dy)
@@ -130,7 +130,7 @@ def test_activations_match_jax_nn_element_by_element(name, dtype):
 
     @jax.jit
     def forward_backward(z):
-        a, cache = layer.forward({}, z)
+        a, cache, _ = layer.forward({}, z)
         return (a, layer.backward({}, cache, jnp.ones_like(z))[1], JAX_NN[name](z),
                 jax.vmap(jax.grad(JAX_NN[name]))(z))
 
@@ -186,7 +186,7 @@ def test_dropout_statistics():
 
 def test_serial_dropout_uses_distinct_keys():
     model = jbp.serial(jbp.dropout(0.5), jbp.dropout(0.5))
-    _, cache = model.forward(((), ()), jnp.ones((64, 64)), key=jax.random.key(3), train=True)
+    _, cache, _ = model.forward(((), ()), jnp.ones((64, 64)), key=jax.random.key(3), train=True)
     assert not np.array_equal(cache[0], cache[1])
 
 
@@ -195,7 +195,7 @@ def test_dense_math_is_the_lecture():
     layer = jbp.dense(2)
     params = {"W": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), "b": jnp.array([0.5, -0.5])}
     a = jnp.array([[1.0, 0.0, 2.0]])
-    z, cache = layer.forward(params, a)
+    z, cache, _ = layer.forward(params, a)
     np.testing.assert_array_equal(z, [[11.5, 13.5]])
     (grads, da) = layer.backward(params, cache, jnp.array([[1.0, -1.0]]))
     np.testing.assert_array_equal(grads["W"], [[1, -1], [0, 0], [2, -2]])
@@ -206,6 +206,6 @@ def test_dense_math_is_the_lecture():
 def test_sigmoid_derivative_uses_output():
     layer = jbp.sigmoid()
     z = jnp.array([[0.0, 2.0]])
-    a, cache = layer.forward({}, z)
+    a, cache, _ = layer.forward({}, z)
     _, dz = layer.backward({}, cache, jnp.ones_like(z))
     np.testing.assert_allclose(dz, a * (1 - a), rtol=1e-7)

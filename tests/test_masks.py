@@ -57,7 +57,7 @@ def _attention_sides(b, t):
 
 @jit
 def _attention_derivatives(layer, params, x, dy, side):
-    y, cache = layer.forward(params, x, side=side)
+    y, cache, _ = layer.forward(params, x, side=side)
     manual = layer.backward(params, cache, dy)
     own = jax.vjp(lambda p, x_: layer.apply(p, x_, side=side), params, x)[1](dy)
     return y, cache, manual, own
@@ -159,7 +159,7 @@ def test_a_padding_mask_forms_no_t_by_t_array():
 
 def _language_model(dtype):
     return jbp.serial(jbp.embedding(6, 4, dtype=dtype), jbp.positional_embedding(8, dtype=dtype),
-                      jbp.transformer_block(2, 2, 6, causal=True, block_size=2, dtype=dtype),
+                      jbp.transformer_block(4, 2, 2, 6, causal=True, block_size=2, dtype=dtype),
                       jbp.dense(6, dtype=dtype))
 
 

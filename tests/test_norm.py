@@ -30,7 +30,7 @@ def _random(in_shape, dtype, batch=4, seed=0, loc=0.0, spread=2.0):
 
 
 def _pair(layer, params, x, dy):
-    _, cache = layer.forward(params, x)
+    _, cache, _ = layer.forward(params, x)
     _, vjp = jax.vjp(layer.apply, params, x)
     return layer.backward(params, cache, dy), vjp(dy)
 
@@ -58,7 +58,7 @@ def test_three_term_formula_by_hand():
         layer = jbp.layer_norm(eps=1e-300)
         params = {"scale": jnp.array([1.0, 2.0, 3.0]), "offset": jnp.zeros(3)}
         x, dy = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1.0, 0.0, 0.0]])
-        y, (x_hat, r) = layer.forward(params, x)
+        y, (x_hat, r), _ = layer.forward(params, x)
         s = np.sqrt(2 / 3)                                   # σ of (1, 2, 3)
         np.testing.assert_allclose(x_hat, [[-1 / s, 0, 1 / s]], rtol=1e-15)
         np.testing.assert_allclose(r, [[1 / s]], rtol=1e-15)
@@ -80,7 +80,7 @@ def test_one_feature_and_constant_rows_are_finite():
             layer = jbp.layer_norm(dtype=jnp.float64)
             params, _, _ = _random(in_shape, jnp.float64)
             dy = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
-            y, (x_hat, r) = layer.forward(params, x)
+            y, (x_hat, r), _ = layer.forward(params, x)
             assert np.all(np.abs(x_hat) < 1e-9)
             np.testing.assert_allclose(y, jnp.broadcast_to(params["offset"], x.shape), atol=1e-8)
             (dp, dx), ref = _pair_jit(layer, params, x, dy)
@@ -164,7 +164,8 @@ def test_bad_input_is_refused_naming_the_layer():
     with pytest.raises(TypeError, match=r"layer_norm: params must be a dict with keys "
                                         r"\['offset', 'scale'\], got \['W', 'b'\]"):
         layer.apply({"W": 1, "b": 2}, jnp.ones((2, 8)))
-    with pytest.raises(ValueError, match=r"layer_norm: expected scale and offset of one shape"):
+    with pytest.raises(ValueError, match=r"layer_norm: expected params\['offset'\] shaped \(8,\), "
+                                         r"got \(7,\)"):
         layer.apply({"scale": jnp.ones(8), "offset": jnp.ones(7)}, jnp.ones((2, 8)))
     with pytest.raises(ValueError, match=r"layer_norm: expects a per-example shape"):
         layer.init(jax.random.key(0), ())

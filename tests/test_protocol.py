@@ -203,11 +203,11 @@ def _scale(per_example=None, forget_sum=False):
 
 
 def test_check_layer_finds_what_is_wrong():
-    good = _scale(jbp.PerExampleRule(lambda x, d: {"s": x * d}))
+    good = _scale(jbp.PerExampleRule(lambda p, x, d: {"s": x * d}))
     assert jbp.check_layer(good, (3,)).ok
     forgot = jbp.check_layer(_scale(forget_sum=True), (3,))
     assert not forgot.ok and "a backward must sum over the batch" in str(forgot)
-    wrong_rule = jbp.check_layer(_scale(jbp.PerExampleRule(lambda x, d: {"s": 2 * x * d})), (3,))
+    wrong_rule = jbp.check_layer(_scale(jbp.PerExampleRule(lambda p, x, d: {"s": 2 * x * d})), (3,))
     assert [c.name for c in wrong_rule.failures] == [
         f"{d} {case}: per-example declaration" for d in ("float64", "float32")
         for case in ("random", "random params")]
@@ -232,7 +232,7 @@ def test_check_layer_finds_what_is_wrong():
 
 
 def test_user_layer_per_example_rule_and_curvature_errors():
-    scale = _scale(jbp.PerExampleRule(lambda x, d: {"s": x * d}))
+    scale = _scale(jbp.PerExampleRule(lambda p, x, d: {"s": x * d}))
     model = jbp.serial(jbp.dense(3), scale, jbp.tanh(), jbp.dense(2))
     _, params = model.init(jax.random.key(0), (4,))
     x, y = _data(classes=2)

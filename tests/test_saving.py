@@ -21,7 +21,7 @@ MODELS = {
                       jbp.residual(jbp.serial(jbp.conv(16, 3), jbp.relu())),
                       jbp.global_avg_pool(), jbp.dense(10)),
     "sequence": jbp.serial(jbp.embedding(20, 16), jbp.positional_embedding(32),
-                           jbp.transformer_block(heads=2, head_dim=8, mlp_hidden=32, causal=True),
+                           jbp.transformer_block(16, heads=2, head_dim=8, mlp_hidden=32, causal=True),
                            jbp.lstm(16), jbp.dense(20)),
     "branches": jbp.serial(jbp.dense(8, dtype=jnp.bfloat16), jbp.batch_norm(dtype=np.float32),
                            jbp.parallel(jbp.relu(), jbp.leaky_relu(0.2), combine="concat"),

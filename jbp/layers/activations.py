@@ -19,20 +19,28 @@ the one not kept.
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import erfc
 
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
+
+
+class Activation(NamedTuple):
+    """What an activation tells other code (its ``Layer.info``)."""
+
+    gain: float  # the weight scale that keeps activations' variance through it (init_gain)
 
 
 @constructor
-def elementwise(name: str, sigma, dsigma, *, keep: str = "za") -> Layer:
+def elementwise(name: str, sigma, dsigma, *, keep: str = "za", gain: float = 1.0) -> Layer:
     """A weightless layer ``a = sigma(z)`` whose backward is ``dz = dsigma(z, a) * da``.
 
     ``keep`` says what the cache holds for ``dsigma``: ``"za"`` (both), ``"z"`` or ``"a"``;
     ``dsigma`` then receives ``None`` for the one not kept. ``dz`` gets ``z``'s dtype.
+    ``gain``: the init gain of a dense layer before it (He: √2 for the rectifiers).
     """
     if keep not in ("za", "z", "a"):
         raise ValueError(f"elementwise({name!r}): keep must be 'za', 'z' or 'a', got {keep!r}")
@@ -40,18 +48,16 @@ def elementwise(name: str, sigma, dsigma, *, keep: str = "za") -> Layer:
     def init(key, in_shape):
         return as_shape(in_shape, name), {}
 
-    def forward(params, z, *, key=None, train=False):
-        check_empty_params(params, name)
-        check_array(z, name)
+    def forward(params, z, *, key=None, train=False, state=None, side=None):
         a = sigma(z)
-        return a, (z if "z" in keep else None, a if "a" in keep else None)
+        return a, (z if "z" in keep else None, a if "a" in keep else None), state
 
     def backward(params, cache, da):
         z, a = cache
         dz = dsigma(z, a) * da
         return {}, dz.astype((a if z is None else z).dtype)
 
-    return Layer(name, init, forward, backward, per_example=EXAMPLEWISE)
+    return Layer(name, init, forward, backward, per_example=EXAMPLEWISE, info=Activation(gain))
 
 
 logistic = jax.nn.sigmoid
@@ -83,14 +89,16 @@ def relu() -> Layer:
     def forward(z):
         return jnp.where(z > 0, z, 0) + jnp.where(jnp.isnan(z), jnp.nan, 0).astype(z.dtype)
 
-    return elementwise("relu", forward, lambda z, a: (a > 0).astype(a.dtype), keep="a")
+    return elementwise("relu", forward, lambda z, a: (a > 0).astype(a.dtype), keep="a",
+                       gain=math.sqrt(2.0))
 
 
 @constructor
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
     s = negative_slope
     return elementwise(f"leaky_relu({s})", lambda z: jax.nn.leaky_relu(z, s),
-                       lambda z, a: jnp.where(z >= 0, 1.0, s).astype(z.dtype), keep="z")
+                       lambda z, a: jnp.where(z >= 0, 1.0, s).astype(z.dtype), keep="z",
+                       gain=math.sqrt(2.0 / (1.0 + s * s)))
 
 
 @constructor
@@ -98,7 +106,7 @@ def elu(alpha: float = 1.0) -> Layer:
     # σ′ = alpha e^z for z <= 0, from z: a + alpha would round to 0 in the far tail.
     return elementwise(f"elu({alpha})", lambda z: jax.nn.elu(z, alpha),
                        lambda z, a: jnp.where(z > 0, 1.0, alpha * jnp.exp(jnp.minimum(z, 0))),
-                       keep="z")
+                       keep="z", gain=math.sqrt(2.0))
 
 
 @constructor
@@ -111,7 +119,8 @@ def gelu() -> Layer:
         u = z * math.sqrt(0.5)
         return 0.5 * erfc(-u) + z * inv_sqrt_2pi * jnp.exp(-u * u)
 
-    return elementwise("gelu", lambda z: jax.nn.gelu(z, approximate=False), dgelu, keep="z")
+    return elementwise("gelu", lambda z: jax.nn.gelu(z, approximate=False), dgelu, keep="z",
+                       gain=math.sqrt(2.0))
 
 
 @constructor
@@ -128,7 +137,7 @@ def silu() -> Layer:
         s = logistic(z)
         return s * (1 + z * (1 - s))
 
-    return elementwise("silu", jax.nn.silu, dsilu, keep="z")
+    return elementwise("silu", jax.nn.silu, dsilu, keep="z", gain=math.sqrt(2.0))
 
 
 ACTIVATIONS = {

@@ -94,7 +94,7 @@ from jax import lax
 
 from jbp import masks
 from jbp.init import constant, normal
-from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, cast_like, constructor,
                        param_dtype, positive_int)
 
 PROJECTIONS = ("q", "k", "v", "o")
@@ -232,8 +232,7 @@ def merge_heads(a):
 
 
 class Cache(NamedTuple):
-    """What the backward (and the per-example rule) needs. ``W_o`` is the params' own array
-    (no copy): the rule receives only ``(cache, delta)`` and ∂ℓ_i/∂o needs it."""
+    """What the backward (and the per-example rule) needs beside the params."""
 
     x: jax.Array    # (B, T, d_model), the input of the q, k, v projections
     q: jax.Array    # (B, H, T, Dh)
@@ -242,17 +241,16 @@ class Cache(NamedTuple):
     o: jax.Array    # (B, H, T, Dh), the input of the output projection (heads concatenated)
     m: jax.Array    # (B, H, T), each row's max score
     l: jax.Array    # (B, H, T), each row's Σ exp(s − m)
-    W_o: jax.Array  # (H·Dh, d_model)
     key_mask: jax.Array | None = None  # (B, T_k) bool, from the side inputs
     mask: jax.Array | None = None      # (B, 1 or H, T, T) bool, the side input attention_mask
     memory: jax.Array | None = None    # (B, T_k, d_model): the k, v projections' input where
     #                                    it is not x (cross-attention, jbp.layers.seq2seq)
 
 
-def inputs_and_deltas(cache: Cache, dy, causal: bool, block: int):
+def inputs_and_deltas(params, cache: Cache, dy, causal: bool, block: int):
     """``{name: (a, δ)}`` for the four projections: input (B, T, ·) and ∂C/∂output."""
     heads = cache.q.shape[1]
-    do = split_heads(dy @ cache.W_o.T, heads)
+    do = split_heads(dy @ params["o"]["W"].T, heads)
     dq, dk, dv = attention_core_backward(cache.q, cache.k, cache.v, cache.o, cache.m, cache.l, do,
                                          causal=causal, block=block, key_mask=cache.key_mask,
                                          mask=cache.mask)
@@ -289,8 +287,8 @@ def rule(causal: bool, block: int) -> PerExampleRule:
     example i's own δ at every projection, so the batched backward *is* the per-example one;
     only the sums over the batch are left out."""
 
-    def grads(cache, delta):
-        pairs = inputs_and_deltas(cache, delta, causal, block)
+    def grads(params, cache, delta):
+        pairs = inputs_and_deltas(params, cache, delta, causal, block)
         grads = {name: {"W": jnp.einsum("bti,bto->bio", a, d), "b": jnp.sum(d, axis=1)}
                  for name, (a, d) in pairs.items()}
         del grads["k"]["b"]
@@ -318,8 +316,7 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
     who = "attention"
     heads, head_dim, block_size = (positive_int(value, name, who) for name, value in (
         ("heads", heads), ("head_dim", head_dim), ("block_size", block_size)))
-    if not isinstance(causal, bool):
-        raise ValueError(f"{who}: causal must be a bool, got {causal!r}")
+    causal = boolean(causal, "causal", who)
     width = heads * head_dim
     who = f"attention({heads}, {head_dim}{', causal' if causal else ''})"
 
@@ -329,32 +326,8 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
             raise ValueError(f"{who}: expects a per-example shape (T, d_model), got {shape}")
         return shape, init_projections(key, shape[1], width, param_dtype(dtype, who))
 
-    def check_params(params):
-        if not isinstance(params, dict) or set(params) != set(PROJECTIONS):
-            got = sorted(params) if isinstance(params, dict) else type(params).__name__
-            raise TypeError(f"{who}: params must be a dict with keys ['k', 'o', 'q', 'v'], "
-                            f"got {got}")
-        got = {name: {key: tuple(getattr(a, "shape", ())) for key, a in entry.items()}
-               if isinstance(entry, dict) else type(entry).__name__
-               for name, entry in params.items()}
-        o = got["o"]
-        if not (isinstance(o, dict) and set(o) == {"W", "b"} and len(o["W"]) == 2
-                and o["W"][0] == width and o["b"] == o["W"][1:]):
-            raise ValueError(f"{who}: expected params['o'] shaped {{'W': ({width}, d_model), "
-                             f"'b': (d_model,)}} (heads·head_dim {width}), got {o}")
-        d = o["W"][1]
-        for name in PROJECTIONS:
-            want = {"W": (width, d) if name == "o" else (d, width)}
-            if name != "k":
-                want["b"] = want["W"][1:]
-            if got[name] != want:
-                raise ValueError(f"{who}: expected params[{name!r}] shaped {want} (d_model {d}, "
-                                 f"heads·head_dim {width}), got {got[name]}")
-        return d
-
-    def forward(params, x, *, key=None, train=False, side=None):
-        d = check_params(params)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        d = params["o"]["W"].shape[1]
         if x.ndim != 3 or x.shape[-1] != d:
             raise ValueError(f"{who}: expected input of shape (B, T, {d}) (batch, positions, "
                              f"the {d} features the params were built for), got {tuple(x.shape)}")
@@ -370,10 +343,10 @@ def attention(heads: int, head_dim: int, *, causal: bool = False, block_size: in
         o, m, l = attention_core(q, k, v, causal=causal, block=block_size, key_mask=key_mask,
                                  mask=mask)
         y = merge_heads(o) @ params["o"]["W"] + params["o"]["b"]
-        return y, Cache(x, q, k, v, o, m, l, params["o"]["W"], key_mask, mask)
+        return y, Cache(x, q, k, v, o, m, l, key_mask, mask), state
 
     def backward(params, cache, dy):
-        pairs = inputs_and_deltas(cache, dy, causal, block_size)
+        pairs = inputs_and_deltas(params, cache, dy, causal, block_size)
         dx = sum(pairs[n][1] @ params[n]["W"].T for n in "qkv")  # x feeds q, k and v
         return projection_grads(params, pairs), cast_like(dx, cache.x)
 

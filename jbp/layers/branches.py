@@ -16,10 +16,8 @@ checks and the per-example functions reach every layer inside; they nest.
 import jax
 import jax.numpy as jnp
 
-from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
-                       constructor, run)
-from jbp.layers.serial import noting_position
-from jbp.masks import side_for
+from jbp.layer import (EXAMPLEWISE, Layer, as_shape, child_states, composite_init_state,
+                       composite_state, constructor, forward_child, noting_position)
 
 COMBINE = ("sum", "concat")
 
@@ -47,11 +45,12 @@ def residual(block: Layer) -> Layer:
         return shape, params
 
     def forward(params, x, *, key=None, train=False, state=None, side=None):
-        y, cache, new_state = run(block, params, x, key=key, train=train, state=state, side=side)
+        y, cache, new_state = forward_child(block, params, x, key=key, train=train, state=state,
+                                            side=side)
         if y.shape != x.shape:
             raise ValueError(f"{name}: the block maps {tuple(x.shape)} to {tuple(y.shape)}; "
                              f"x + block(x) needs the shapes equal")
-        return (x + y, cache, new_state) if block.stateful else (x + y, cache)
+        return x + y, cache, new_state
 
     def walk(params, cache, dy, visit):
         result, dx_block = visit(block, params, cache, dy)
@@ -87,32 +86,24 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
         out = shapes[0] if combine == "sum" else shapes[0][:-1] + (sum(s[-1] for s in shapes),)
         return out, tuple(params)
 
-    def check_params(params):
-        if not isinstance(params, (tuple, list)) or len(params) != n:
-            raise TypeError(f"{name}: params must be a tuple with one entry per branch ({n}), "
-                            f"got {type(params).__name__}")
-
-    def run_branches(params, x, key, train, state, side):
-        check_params(params)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         keys = jax.random.split(key, n) if key is not None else [None] * n
-        ys, caches, new_state = [], [], []
+        ys, caches, states = [], [], list(child_states(state, n))
         for i, branch in enumerate(branches):
             with noting_position(i, branch, name, "forward"):
-                y, cache, s = run(branch, params[i], x, key=keys[i], train=train, state=state[i],
-                                  side=side_for(branch, side))
+                y, cache, states[i] = forward_child(branch, params[i], x, key=keys[i],
+                                                    train=train, state=states[i], side=side)
             ys.append(y)
             caches.append(cache)
-            new_state.append(s)
         if combine == "sum":
-            return sum(ys[1:], ys[0]), tuple(caches), tuple(new_state)
+            return sum(ys[1:], ys[0]), tuple(caches), composite_state(states)
         widths = tuple(y.shape[-1] for y in ys)  # static: where each branch's slice starts
-        return jnp.concatenate(ys, axis=-1), (tuple(caches), widths), tuple(new_state)
+        return jnp.concatenate(ys, axis=-1), (tuple(caches), widths), composite_state(states)
 
     def init_state(in_shape):
         return composite_init_state(branches, [as_shape(in_shape, name)] * n)
 
     def walk(params, cache, dy, visit):
-        check_params(params)
         if combine == "sum":
             caches, slices = cache, [dy] * n  # every branch receives ∂C/∂y
         else:
@@ -127,6 +118,6 @@ def parallel(*branches: Layer, combine: str = "sum") -> Layer:
         return tuple(results), dx
 
     stateful = any(branch.stateful for branch in branches)
-    return Layer(name, init, composite_forward(run_branches, branches, name),
+    return Layer(name, init, forward,
                  layers=tuple(branches), walk=walk, per_example=EXAMPLEWISE,
                  init_state=init_state if stateful else None)

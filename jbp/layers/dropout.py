@@ -9,7 +9,7 @@ Shapes: any ``x (B, ...)``; cache: the scaled mask (shape of ``x``), or None in 
 
 import jax
 
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_empty_params, check_train, constructor
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
 
 
 @constructor
@@ -27,16 +27,14 @@ def dropout(rate: float) -> Layer:
     def init(key, in_shape):
         return as_shape(in_shape, who), {}
 
-    def forward(params, x, *, key=None, train=False):
-        check_empty_params(params, who)
-        check_train(train, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         if not train or rate == 0.0:
-            return x, None
+            return x, None, state
         if key is None:
             raise ValueError(f"{who}: train=True needs a PRNG key (forward(..., key=key, train=True))")
         keep = 1.0 - rate
         mask = jax.random.bernoulli(key, keep, x.shape).astype(x.dtype) / keep
-        return x * mask, mask
+        return x * mask, mask, state
 
     def backward(params, mask, dy):
         return {}, dy if mask is None else (dy * mask).astype(mask.dtype)

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp.init import normal
-from jbp.layer import (Layer, PerExampleRule, as_shape, check_array, constructor, param_dtype,
-                       positive_int)
+from jbp.layer import Layer, PerExampleRule, as_shape, constructor, param_dtype, positive_int
 
 
 def _valid(ids, vocab_size):
@@ -49,7 +48,7 @@ def _per_example(ids, delta, vocab_size):
 
 
 def _rule(vocab_size):
-    def grads(ids, delta):
+    def grads(params, ids, delta):
         ids2, d3 = _per_example(ids, delta, vocab_size)
         batch, dim = ids2.shape[0], d3.shape[-1]
         rows = jnp.arange(batch)[:, None]
@@ -64,11 +63,11 @@ def _rule(vocab_size):
         same = (ids2[:, :, None] == ids2[:, None, :]).astype(d3.dtype)  # (B, T, T)
         return ids2, d3 * jnp.einsum("bts,bsd->btd", same, d3)
 
-    def sq_norms(ids, delta):
+    def sq_norms(params, ids, delta):
         _, c = same_id_products(ids, delta)
         return {"E": jnp.sum(c, axis=(1, 2))}  # Σ_{t,s} [id_t = id_s] δ_t·δ_s
 
-    def sum_sq(ids, delta):
+    def sum_sq(params, ids, delta):
         # Σ_i (∂ℓ_i/∂E_v)² = Σ_i Σ_t [id_it = v] c_it: scatter the c's into their rows.
         ids2, c = same_id_products(ids, delta)
         zeros = jnp.zeros((vocab_size, c.shape[-1]), c.dtype)
@@ -98,14 +97,6 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
         shape = as_shape(in_shape, who)
         return shape + (dim,), {"E": normal(key, (vocab_size, dim), param_dtype(dtype, who))}
 
-    def check_params(params):
-        if not isinstance(params, dict) or set(params) != {"E"}:
-            got = sorted(params) if isinstance(params, dict) else type(params).__name__
-            raise TypeError(f"{who}: params must be a dict with the key ['E'], got {got}")
-        if tuple(params["E"].shape) != (vocab_size, dim):
-            raise ValueError(f"{who}: expected E of shape ({vocab_size}, {dim}), got "
-                             f"{tuple(params['E'].shape)}")
-
     def check_ids(ids):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"{who}: expected integer token ids, got an input of dtype "
@@ -121,13 +112,11 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Layer:
                              f"{int(concrete[where])} at index {where} ({int(bad.sum())} id(s) "
                              f"out of range)")
 
-    def forward(params, ids, *, key=None, train=False):
-        check_params(params)
-        check_array(ids, who)
+    def forward(params, ids, *, key=None, train=False, state=None, side=None):
         check_ids(ids)
         E = jnp.asarray(params["E"])
         y = E.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
-        return y, ids
+        return y, ids, state
 
     def backward(params, ids, dy):
         E = params["E"]

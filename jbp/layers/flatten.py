@@ -5,7 +5,7 @@ Shapes: cache is the input's per-example shape (static), so the backward needs n
 
 import math
 
-from jbp.layer import EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor
 
 
 @constructor
@@ -15,12 +15,10 @@ def flatten() -> Layer:
     def init(key, in_shape):
         return (math.prod(as_shape(in_shape, who)),), {}
 
-    def forward(params, x, *, key=None, train=False):
-        check_empty_params(params, who)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         if x.ndim < 2:
             raise ValueError(f"{who}: expected input (batch, ...), got shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1), x.shape
+        return x.reshape(x.shape[0], -1), x.shape, state
 
     def backward(params, x_shape, dy):
         return {}, dy.reshape(x_shape)

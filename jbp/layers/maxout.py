@@ -9,8 +9,7 @@ Shapes: ``z (..., k·m) -> a (..., m)``; cache ``z``.
 
 import jax.numpy as jnp
 
-from jbp.layer import (EXAMPLEWISE, Layer, as_shape, check_array, check_empty_params, constructor,
-                       positive_int)
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, constructor, positive_int
 
 
 @constructor
@@ -33,13 +32,11 @@ def maxout(k: int = 2) -> Layer:
     def grouped(z):
         return z.reshape(z.shape[:-1] + (z.shape[-1] // k, k))
 
-    def forward(params, z, *, key=None, train=False):
-        check_empty_params(params, who)
-        check_array(z, who)
+    def forward(params, z, *, key=None, train=False, state=None, side=None):
         if z.ndim < 1:
             raise ValueError(f"{who}: expected input (..., features), got shape {tuple(z.shape)}")
         check_width(z.shape[-1])
-        return jnp.max(grouped(z), axis=-1), z
+        return jnp.max(grouped(z), axis=-1), z, state
 
     def backward(params, z, da):
         zg = grouped(z)

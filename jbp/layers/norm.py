@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from jbp.init import constant
-from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, check_train,
-                       constructor, param_dtype, per_example_rows)
+from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, constructor, param_dtype,
+                       per_example_rows)
 
 
-def _grads(cache, delta):
+def _grads(params, cache, delta):
     x_hat, _ = cache
     x3, d3 = per_example_rows(x_hat), per_example_rows(delta)
     return {"scale": jnp.sum(d3 * x3, axis=1), "offset": jnp.sum(d3, axis=1)}
@@ -53,24 +53,11 @@ def check_eps(eps, who: str) -> None:
                          f"finite for a constant input), got {eps!r}")
 
 
-def check_norm_params(params, who: str) -> None:
-    if not isinstance(params, dict) or set(params) != {"scale", "offset"}:
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise TypeError(f"{who}: params must be a dict with keys ['offset', 'scale'], got {got}")
-    scale, offset = params["scale"], params["offset"]
-    if scale.ndim != 1 or offset.shape != scale.shape:
-        raise ValueError(f"{who}: expected scale and offset of one shape (n,), got scale "
-                         f"{tuple(scale.shape)} and offset {tuple(offset.shape)}")
-
-
-
 def _scale_and_offset(who: str, dtype):
     """The ``init`` of a normalisation over the last axis: scale ones, offset zeros, (n,)."""
 
     def init(key, in_shape):
-        shape = as_shape(in_shape, who)
-        if not shape:
-            raise ValueError(f"{who}: expects a per-example shape (..., features), got ()")
+        shape = as_shape(in_shape, who, min_ndim=1, layout="(..., features)")
         n, dt = shape[-1], param_dtype(dtype, who)
         return shape, {"scale": constant(1, (n,), dt), "offset": constant(0, (n,), dt)}
 
@@ -125,9 +112,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
     who = "layer_norm"
     init = _scale_and_offset(who, dtype)
 
-    def forward(params, x, *, key=None, train=False):
-        check_norm_params(params, who)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         n = params["scale"].shape[0]
         if x.ndim < 1 or x.shape[-1] != n:
             raise ValueError(f"{who}: expected input of shape (..., {n}) (the last axis is "
@@ -138,7 +123,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
         r = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
         x_hat = d * r
         y = params["scale"] * x_hat + params["offset"]
-        return y, (x_hat, r)
+        return y, (x_hat, r), state
 
     def backward(params, cache, dy):
         x_hat, r = cache
@@ -171,13 +156,13 @@ class RunningStats(NamedTuple):
     r: jax.Array  # (C,): 1/√(running var + eps)
 
 
-def _batch_norm_grads(cache, delta):
+def _batch_norm_grads(params, cache, delta):
     if isinstance(cache, BatchStats):
         raise ValueError("batch_norm: in training mode it normalises with the statistics of "
                          "the whole batch, so every example's output depends on every other "
                          "example's input and a per-example gradient is not defined; use "
                          "train=False (the running statistics keep examples apart)")
-    return _grads(cache, delta)
+    return _grads(params, cache, delta)
 
 
 BATCH_NORM_RULE = PerExampleRule(_batch_norm_grads)
@@ -235,23 +220,11 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
         n, dt = as_shape(in_shape, who)[-1], param_dtype(dtype, who)
         return {"mean": constant(0, (n,), dt), "var": constant(1, (n,), dt)}
 
-    def check_state(state, n):
-        if (not isinstance(state, dict) or set(state) != {"mean", "var"}
-                or any(getattr(state[k], "shape", None) != (n,) for k in state)):
-            got = ({k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
-                   if isinstance(state, dict) else type(state).__name__)
-            raise ValueError(f"{who}: state must be {{'mean': ({n},), 'var': ({n},)}} for "
-                             f"{n} channels, got {got}; is it the state of another model?")
-
-    def forward(params, x, *, key=None, train=False, state=None):
-        check_train(train, who)
-        check_norm_params(params, who)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         n = params["scale"].shape[0]
         if x.ndim < 2 or x.shape[-1] != n:
             raise ValueError(f"{who}: expected input of shape (batch, ..., {n}) (channels last; "
                              f"the params have {n} channels), got {tuple(x.shape)}")
-        check_state(state, n)
         axes = tuple(range(x.ndim - 1))
         if not jnp.issubdtype(x.dtype, jnp.inexact):  # raw integer images: compute in floats
             x = x.astype(jnp.result_type(float, params["scale"].dtype))

@@ -43,10 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp.layer import (EXAMPLEWISE, Layer, as_shape, cast_like, check_array, check_empty_params,
-                       constructor)
-from jbp.layers.conv import (SPATIAL, Window, axis_names, pad_spatial, padding_arg,
-                             spatial_arg, tap_slice, window)
+from jbp.layer import EXAMPLEWISE, Layer, as_shape, cast_like, constructor
+from jbp.layers.conv_geometry import (SPATIAL, Window, axis_names, pad_spatial, padding_arg,
+                                      spatial_arg, tap_slice, window)
 
 
 def _floating(x):
@@ -140,9 +139,7 @@ def _pool_layer(kind: str, window_size, stride, padding) -> Layer:
         grid = math.prod(np.ix_(*per_axis_counts))  # the product of the axes' counts
         return jnp.asarray(grid.reshape(1, *geo.out_size, 1), dtype)
 
-    def forward(params, x, *, key=None, train=False):
-        check_empty_params(params, who)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         check_rank(tuple(x.shape), batched=True)
         x = _floating(x)
         geo = geometry(tuple(x.shape[1:-1]))
@@ -150,9 +147,9 @@ def _pool_layer(kind: str, window_size, stride, padding) -> Layer:
         pads = ((0, 0), *geo.pads, (0, 0))
         if kind == "max_pool":
             y = lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
-            return y, x
+            return y, x, state
         total = lax.reduce_window(x, 0.0, lax.add, dims, strides, pads)
-        return total / count(geo, x.dtype), tuple(x.shape)
+        return total / count(geo, x.dtype), tuple(x.shape), state
 
     def backward(params, cache, dy):
         if kind == "max_pool":
@@ -214,14 +211,12 @@ def global_avg_pool() -> Layer:
                              f"spatial axis, e.g. (W, C) or (H, W, C); got {shape}")
         return shape[-1:], {}
 
-    def forward(params, x, *, key=None, train=False):
-        check_empty_params(params, who)
-        check_array(x, who)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         if x.ndim < 3:
             raise ValueError(f"{who}: expects input (batch, ..., C) with at least one spatial "
                              f"axis, got shape {tuple(x.shape)}")
         x = _floating(x)
-        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), tuple(x.shape)
+        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), tuple(x.shape), state
 
     def backward(params, shape, dy):
         positions = math.prod(shape[1:-1])

@@ -58,7 +58,7 @@ from jax import lax
 
 from jbp import masks
 from jbp.init import constant, normal
-from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, check_array, constructor,
+from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, cast_like, constructor,
                        param_dtype, positive_int)
 from jbp.layers.branches import parallel
 from jbp.layers.recurrent_cells import CELLS, Cell
@@ -70,7 +70,7 @@ DEFAULTS = {"initial_state": "zeros", "reverse": False, "return_sequences": True
 # ---------------------------------------------------------------------------- the scans
 
 class _Options(NamedTuple):
-    """What a recurrent layer was built from (kept on its forward as ``.recurrent``)."""
+    """What a recurrent layer was built from (its ``Layer.info``)."""
 
     cell: Cell
     hidden: int
@@ -128,12 +128,10 @@ class _Cache(NamedTuple):
     state0: tuple  # the initial state, (B, H) each
     states: tuple  # every step's state, (T, B, H) each, time-major in the order run
     saved: object  # the cell's gate activations, (T, B, ·)
-    params: dict  # the params (no copy): the per-example rule receives only the cache
     real: jax.Array | None  # (T, B, 1) bool in run order, False at padding; None: no lengths
 
 
 def _forward(opts, params, x, who, side):
-    check_array(x, who)
     W_x, W_h, H = params["W_x"], params["W_h"], opts.hidden
     if x.ndim != 3 or x.shape[-1] != W_x.shape[0]:
         raise ValueError(f"{who}: expected input of shape (batch, time, {W_x.shape[0]}) "
@@ -164,7 +162,7 @@ def _forward(opts, params, x, who, side):
     else:
         y = _batch_major(states[0] if real is None else jnp.where(real, states[0], 0),
                          opts.reverse)
-    return y, _Cache(x, state0, states, saved, params, real)
+    return y, _Cache(x, state0, states, saved, real)
 
 
 def _grads(opts, params, cache, dy, *, per_example=False):
@@ -201,19 +199,18 @@ def bptt_deltas(layer: Layer, params, cache, dy) -> jax.Array:
 
 
 def _options(layer, who) -> _Options:
-    opts = getattr(getattr(layer, "forward", None), "recurrent", None)
-    if not isinstance(layer, Layer) or opts is None:
+    if not isinstance(layer, Layer) or not isinstance(layer.info, _Options):
         got = layer.name if isinstance(layer, Layer) else type(layer).__name__
         raise TypeError(f"{who}: needs a recurrent layer (jbp.rnn, jbp.gru or jbp.lstm), "
                         f"got {got}")
-    return opts
+    return layer.info
 
 
 def _rule(opts) -> PerExampleRule:
     """∂ℓ_i/∂params: the reverse scan run once on the per-example cotangent (it keeps rows
     apart, so it gives every example's δz_t), then the sums over t with the batch axis kept."""
-    return PerExampleRule(lambda cache, delta: _grads(opts, cache.params, cache, delta,
-                                                      per_example=True)[0])
+    return PerExampleRule(lambda params, cache, delta: _grads(opts, params, cache, delta,
+                                                              per_example=True)[0])
 
 
 def _recurrent(opts: _Options) -> Layer:
@@ -225,9 +222,7 @@ def _recurrent(opts: _Options) -> Layer:
         ["h0", "c0"][:cell.n_states] if opts.initial_state == "learned" else [])
 
     def init(key, in_shape):
-        shape = as_shape(in_shape, who)
-        if len(shape) != 2:
-            raise ValueError(f"{who}: expects a per-example shape (time, features), got {shape}")
+        shape = as_shape(in_shape, who, ndim=2, layout="(time, features)")
         F, G, dt = shape[1], cell.gates, param_dtype(dtype, who)
         k_x, k_h = jax.random.split(key)
         # orthogonal W_h, one per gate: a QR, which needs float32 or float64 (not bfloat16)
@@ -243,29 +238,15 @@ def _recurrent(opts: _Options) -> Layer:
         params.update({k: constant(0, (H,), dt) for k in names[3:]})
         return ((shape[0], H) if opts.return_sequences else (H,)), params
 
-    def check_params(params):
-        if not isinstance(params, dict) or set(params) != set(names):
-            got = sorted(params) if isinstance(params, dict) else type(params).__name__
-            raise TypeError(f"{who}: params must be a dict with keys {sorted(names)}, got {got}")
-        G = cell.gates
-        want = {"W_h": (H, G * H), "b": (G * H,), **{k: (H,) for k in names[3:]}}
-        got = {k: tuple(params[k].shape) for k in names}
-        if len(got["W_x"]) != 2 or got["W_x"][1] != G * H or any(
-                got[k] != shape for k, shape in want.items()):
-            shown = [f"W_x (in, {G * H})"] + [f"{k} {shape}" for k, shape in want.items()]
-            raise ValueError(f"{who}: expected params of shapes {', '.join(shown)}; got "
-                             + ", ".join(f"{k} {shape}" for k, shape in got.items()))
-
-    def forward(params, x, *, key=None, train=False, side=None):
-        check_params(params)
-        return _forward(opts, params, x, who, side)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        return (*_forward(opts, params, x, who, side), state)
 
     def backward(params, cache, dy):
         grads, dzx = _grads(opts, params, cache, dy)
         return grads, cast_like(dzx @ params["W_x"].T, cache.x)  # ∂C/∂x_t = δz_t W_xᵀ
 
-    forward.recurrent = opts
-    return Layer(who, init, forward, backward, per_example=_rule(opts), side_inputs=("lengths",))
+    return Layer(who, init, forward, backward, per_example=_rule(opts), side_inputs=("lengths",),
+                 info=opts)
 
 
 
@@ -274,9 +255,8 @@ def _build(kind, make, hidden, initial_state, reverse, return_sequences, dtype) 
     if initial_state not in INITIAL_STATES:
         raise ValueError(f"{kind}: initial_state must be one of {INITIAL_STATES}, got "
                          f"{initial_state!r}")
-    for name, flag in (("reverse", reverse), ("return_sequences", return_sequences)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{kind}: {name} must be a bool, got {flag!r}")
+    reverse, return_sequences = (boolean(reverse, "reverse", kind),
+                                 boolean(return_sequences, "return_sequences", kind))
     return _recurrent(_Options(CELLS[kind], hidden, initial_state, reverse, return_sequences,
                                dtype, make))
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import masks
-from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, cast_like, check_array,
-                       check_like, constructor, param_dtype, positive_int, run)
+from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, cast_like, constructor,
+                       forward_child, noting_position, param_dtype, positive_int)
 from jbp.layers.activations import gelu
 from jbp.layers.attention import (Cache, attention, attention_core, init_projections,
                                   inputs_and_deltas, merge_heads, projection_grads, rule,
@@ -42,7 +42,7 @@ from jbp.layers.attention import (Cache, attention, attention_core, init_project
 from jbp.layers.branches import residual
 from jbp.layers.dense import dense
 from jbp.layers.norm import layer_norm
-from jbp.layers.serial import noting_position, serial
+from jbp.layers.serial import serial
 
 
 def _split_shape(in_shape, source_length: int, who: str):
@@ -78,13 +78,11 @@ def cross_attention(heads: int, head_dim: int, source_length: int, *, block_size
             raise ValueError(f"{who}: expects a per-example shape (S + T, d_model), got {shape}")
         return shape, init_projections(key, shape[1], width, param_dtype(dtype, who))
 
-    def forward(params, z, *, key=None, train=False, side=None):
-        check_array(z, who)
-        if z.ndim != 3 or z.shape[1] <= S:
+    def forward(params, z, *, key=None, train=False, state=None, side=None):
+        if z.ndim != 3 or z.shape[1] <= S or z.shape[2] != params["o"]["W"].shape[1]:
             raise ValueError(f"{who}: expected input of shape (B, S + T, d_model) with S = {S} "
-                             f"memory positions first, got {tuple(z.shape)}")
-        expected = jax.eval_shape(lambda k: init(k, z.shape[1:])[1], jax.random.key(0))
-        check_like(who, "params", params, expected, dtypes=False)
+                             f"memory positions first (d_model = {params['o']['W'].shape[1]}, "
+                             f"the params' width), got {tuple(z.shape)}")
         m, h = z[:, :S], z[:, S:]
         lengths = masks.lengths_of(side, z.shape[0], S, who, "source_lengths")
         key_mask = None if lengths is None else masks.positions(lengths, S)
@@ -94,10 +92,10 @@ def cross_attention(heads: int, head_dim: int, source_length: int, *, block_size
         o, mx, l = attention_core(q, k, v, causal=False, block=block_size, key_mask=key_mask)
         y = merge_heads(o) @ params["o"]["W"] + params["o"]["b"]
         y = jnp.concatenate([jnp.zeros(m.shape, y.dtype), y], axis=1)
-        return y, Cache(h, q, k, v, o, mx, l, params["o"]["W"], key_mask, None, m)
+        return y, Cache(h, q, k, v, o, mx, l, key_mask, None, m), state
 
     def backward(params, cache, dy):
-        pairs = inputs_and_deltas(cache, dy[:, S:], False, block_size)  # [0 ; y]: y's part
+        pairs = inputs_and_deltas(params, cache, dy[:, S:], False, block_size)  # [0 ; y]: y's part
         dh = pairs["q"][1] @ params["q"]["W"].T
         dm = pairs["k"][1] @ params["k"]["W"].T + pairs["v"][1] @ params["v"]["W"].T
         dz = jnp.concatenate([dm, dh], axis=1)
@@ -105,8 +103,8 @@ def cross_attention(heads: int, head_dim: int, source_length: int, *, block_size
 
     attention_rule = rule(False, block_size)  # on the target's part of the delta
 
-    def per_example_grads(cache, delta):
-        return attention_rule.grads(cache, delta[:, S:])
+    def per_example_grads(params, cache, delta):
+        return attention_rule.grads(params, cache, delta[:, S:])
 
     return Layer(who, init, forward, backward, per_example=PerExampleRule(per_example_grads),
                  side_inputs=("source_lengths",))
@@ -130,15 +128,14 @@ def on_target(layer: Layer, source_length: int) -> Layer:
                              f"it gives {tuple(out)}")
         return (S + out[0],) + shape[1:], params
 
-    def forward(params, z, *, key=None, train=False, side=None):
-        check_array(z, name)
+    def forward(params, z, *, key=None, train=False, state=None, side=None):
         if z.ndim < 2 or z.shape[1] <= S:
             raise ValueError(f"{name}: expected input of shape (B, S + T, ...) with S = {S} "
                              f"memory positions first, got {tuple(z.shape)}")
         with noting_position(0, layer, name, "forward"):
-            y, cache, _ = run(layer, params, z[:, S:], key=key, train=train,
-                              side=masks.side_for(layer, side))
-        return jnp.concatenate([z[:, :S], y], axis=1), cache
+            y, cache, _ = forward_child(layer, params, z[:, S:], key=key, train=train, state={},
+                                        side=side)
+        return jnp.concatenate([z[:, :S], y], axis=1), cache, state
 
     def walk(params, cache, dy, visit):
         result, dh = visit(layer, params, cache, dy[:, S:])
@@ -205,24 +202,22 @@ def encoder_decoder(encoder: Layer, embed: Layer, decoder: Layer, source_length:
         out, p_dec = decoder.init(k_dec, (S + h_shape[0],) + tuple(h_shape[1:]))
         return (out[0] - S,) + tuple(out[1:]), (p_enc, p_emb, p_dec)
 
-    def forward(params, x, *, key=None, train=False, side=None):
-        check_array(x, name)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         if x.ndim < 2 or x.shape[1] <= S:
             raise ValueError(f"{name}: expected input of shape (B, S + T, ...) with the "
                              f"source's S = {S} positions first, got {tuple(x.shape)}")
         keys = jax.random.split(key, 3) if key is not None else [None] * 3
-        side = side or {}
         source = ({"lengths": side["source_lengths"]} if "source_lengths" in side else {})
         with noting_position(0, encoder, name, "forward"):
-            m, c_enc, _ = run(encoder, params[0], x[:, :S], key=keys[0], train=train,
-                              side=masks.side_for(encoder, source))
+            m, c_enc, _ = forward_child(encoder, params[0], x[:, :S], key=keys[0], train=train,
+                                        state={}, side=source)
         with noting_position(1, embed, name, "forward"):
-            h, c_emb, _ = run(embed, params[1], x[:, S:], key=keys[1], train=train,
-                              side=masks.side_for(embed, side))
+            h, c_emb, _ = forward_child(embed, params[1], x[:, S:], key=keys[1], train=train,
+                                        state={}, side=side)
         with noting_position(2, decoder, name, "forward"):
-            z, c_dec, _ = run(decoder, params[2], jnp.concatenate([m, h], axis=1), key=keys[2],
-                              train=train, side=masks.side_for(decoder, side))
-        return z[:, S:], (c_enc, c_emb, c_dec)
+            z, c_dec, _ = forward_child(decoder, params[2], jnp.concatenate([m, h], axis=1),
+                                        key=keys[2], train=train, state={}, side=side)
+        return z[:, S:], (c_enc, c_emb, c_dec), state
 
     def walk(params, cache, dy, visit):
         c_enc, c_emb, c_dec = cache

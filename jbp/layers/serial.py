@@ -9,29 +9,15 @@ An error raised inside a layer keeps its type, message and traceback; a note say
 layer of which composite it came from.
 """
 
-import contextlib
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jbp.layers import activations
-from jbp.masks import side_for
 from jbp.layers.dense import dense
-from jbp.layer import (EXAMPLEWISE, Layer, as_shape, composite_forward, composite_init_state,
-                       as_integer, constructor, out_shape, run)
-
-
-@contextlib.contextmanager
-def noting_position(i: int, layer: Layer, parent: str, stage: str):
-    """Re-raise any error from the block with a note of where it happened: ``in the forward
-    of layer 2 (relu) of serial(...)`` (type, message and traceback stay the error's own)."""
-    try:
-        yield
-    except Exception as err:
-        err.add_note(f"in the {stage} of layer {i} ({layer.name}) of {parent}")
-        raise
+from jbp.layer import (EXAMPLEWISE, Layer, as_integer, as_shape, child_states, composite_init_state,
+                       composite_state, constructor, forward_child, noting_position, out_shape)
 
 
 @constructor
@@ -54,24 +40,15 @@ def serial(*layers: Layer) -> Layer:
             params.append(p)
         return shape, tuple(params)
 
-    def check_params(params):
-        if not isinstance(params, (tuple, list)) or len(params) != n:
-            got = f"{type(params).__name__} of length {len(params)}" if isinstance(
-                params, (tuple, list)) else type(params).__name__
-            raise TypeError(f"serial: params must be a tuple with one entry per layer ({n}), "
-                            f"got {got}")
-
-    def run_children(params, x, key, train, state, side):
-        check_params(params)
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
         keys = jax.random.split(key, n) if key is not None else [None] * n
-        caches, new_state = [], []
+        caches, states = [], list(child_states(state, n))
         for i, layer in enumerate(layers):
             with noting_position(i, layer, name, "forward"):
-                x, cache, s = run(layer, params[i], x, key=keys[i], train=train, state=state[i],
-                                  side=side_for(layer, side))
+                x, cache, states[i] = forward_child(layer, params[i], x, key=keys[i],
+                                                    train=train, state=states[i], side=side)
             caches.append(cache)
-            new_state.append(s)
-        return x, tuple(caches), tuple(new_state)
+        return x, tuple(caches), composite_state(states)
 
     def init_state(in_shape):
         shapes = [as_shape(in_shape, "serial")]
@@ -80,7 +57,6 @@ def serial(*layers: Layer) -> Layer:
         return composite_init_state(layers, shapes)
 
     def walk(params, caches, dy, visit):
-        check_params(params)
         results = [None] * n
         for i in reversed(range(n)):
             with noting_position(i, layers[i], name, "backward"):
@@ -88,23 +64,17 @@ def serial(*layers: Layer) -> Layer:
         return tuple(results), dy
 
     stateful = any(layer.stateful for layer in layers)
-    return Layer(name, init, composite_forward(run_children, layers, name), layers=tuple(layers),
+    return Layer(name, init, forward, layers=tuple(layers),
                  walk=walk, per_example=EXAMPLEWISE, init_state=init_state if stateful else None)
 
 
 def init_gain(activation: Layer) -> float:
-    """The weight scale that keeps activations' variance through ``activation``.
-
-    He (√2) for the rectifiers (relu, elu, gelu, silu), √(2/(1 + s²)) for leaky_relu with
-    slope s, LeCun (1) for the rest (sigmoid, tanh, softplus, identity, user layers).
-    """
-    kind = activation.spec.key[0].rsplit(".", 1)[-1] if activation.spec is not None else None
-    if kind in ("relu", "elu", "gelu", "silu"):
-        return math.sqrt(2.0)
-    if kind == "leaky_relu":
-        slope = dict(activation.spec.key[1])["negative_slope"]
-        return math.sqrt(2.0 / (1.0 + slope * slope))
-    return 1.0
+    """The weight scale that keeps activations' variance through ``activation``: what it
+    declares (:class:`jbp.layers.activations.Activation`: He (√2) for the rectifiers relu,
+    elu, gelu, silu; √(2/(1 + s²)) for leaky_relu with slope s; LeCun (1) for sigmoid,
+    tanh, softplus, identity), else 1 (user layers)."""
+    info = activation.info
+    return info.gain if isinstance(info, activations.Activation) else 1.0
 
 
 @constructor
