@@ -335,6 +335,136 @@ def _refuse_overwrite(path):
                      f"continue it, or overwrite=True to start afresh and replace it")
 
 
+# ---------------------------------------------------------------------------- configuration
+
+class FitConfig(NamedTuple):
+    """:func:`fit`'s arguments once checked (by :func:`_config`): what the run goes by."""
+
+    optimizer: optax.GradientTransformation  # make_optimizer's
+    fns: Compiled  # the jitted step, epoch and evaluation of model, loss, grad and optimizer
+    state: object  # the model's state to start from; {} for a model without
+    loop: str  # "scan" or "python" ("auto" decided)
+    key: jax.Array  # a typed PRNG key
+    x: object  # training inputs: an array, or a WithSide of the inputs and side inputs
+    y: jax.Array  # training targets, one row per example
+    splits: dict  # what is evaluated: {"train": (x, y)} and "test" with eval data
+    batch_size: int
+    eval_batch_size: int
+    total_steps: int  # the whole run's, a resumed checkpoint's steps included
+    stop_on_nonfinite: bool
+    resume: bool
+    overwrite: bool
+    checkpoint_path: Path | None  # checkpoint_dir / CHECKPOINT_FILE
+    mesh: object  # a jax Mesh with a "data" axis, or None for one device
+    shard_params: bool
+    progress: bool
+    on_epoch: Callable | None
+
+    @property
+    def n(self) -> int:
+        """The number of training examples."""
+        return len(self.y)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """``n // batch_size``: the remainder of the shuffled data is left out."""
+        return self.n // self.batch_size
+
+    @property
+    def run_config(self) -> dict:
+        """What a checkpoint must share with this run to be continued by it (JSON)."""
+        return {"batch_size": self.batch_size, "n": self.n}
+
+
+def _config(model, loss, params, data, *, key, optimizer, learning_rate, epochs, steps,
+            batch_size, grad, eval_data, eval_batch_size, checkpoint_dir, resume, overwrite,
+            stop_on_nonfinite, loop, progress, on_epoch, mesh, shard_params,
+            state) -> FitConfig:
+    """:func:`fit`'s arguments (as fit takes them) checked, each once and in this order, as a
+    :class:`FitConfig`. A bad one raises ValueError (TypeError for a mesh or state of the
+    wrong kind) with a message that names it; so does data that does not fit the model."""
+    opt = make_optimizer(optimizer, learning_rate)
+    fns = compiled(model, loss, grad, opt)  # checks grad
+    check_state(model, state)
+    state = state if model.stateful else {}
+    loop = _choose_loop(loop, model)
+    key = _as_key(key)
+    batch_size = _positive_int(batch_size, "batch_size")
+    eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
+    if epochs is not None and steps is not None:
+        raise ValueError("fit: give epochs or steps, not both")
+    resume, overwrite = _bool(resume, "resume"), _bool(overwrite, "overwrite")
+    stop_on_nonfinite = _bool(stop_on_nonfinite, "stop_on_nonfinite")
+    checkpoint_path = _checkpoint_path(checkpoint_dir, resume, overwrite)
+    x, y, splits = _splits(model, loss, params, state, data, eval_data)
+    if batch_size > len(y):
+        raise ValueError(f"fit: batch_size {batch_size} is larger than the data "
+                         f"({len(y)} examples)")
+    mesh, shard_params = _mesh(mesh, _bool(shard_params, "shard_params"), batch_size)
+    total_steps = _total_steps(epochs, steps, len(y) // batch_size)
+    return FitConfig(opt, fns, state, loop, key, x, y, splits, batch_size, eval_batch_size,
+                     total_steps, stop_on_nonfinite, resume, overwrite, checkpoint_path, mesh,
+                     shard_params, progress, on_epoch)
+
+
+def _choose_loop(loop, model) -> str:
+    """``"scan"`` or ``"python"``: ``loop`` checked, and ``"auto"`` decided for ``model``
+    (the Python loop for a model with convolutions on the CPU: see the module docstring)."""
+    if loop not in LOOPS:
+        raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
+    if loop == "auto":
+        loop = "python" if jax.default_backend() == "cpu" and _has_conv(model) else "scan"
+    return loop
+
+
+def _checkpoint_path(checkpoint_dir, resume: bool, overwrite: bool) -> Path | None:
+    """Where the checkpoint lives (None without ``checkpoint_dir``), once ``resume`` and
+    ``overwrite`` are known to make sense: each needs a folder, and they exclude each other."""
+    for flag, value in (("resume", resume), ("overwrite", overwrite)):
+        if value and checkpoint_dir is None:
+            raise ValueError(f"fit: {flag}=True needs a checkpoint_dir")
+    if resume and overwrite:
+        raise ValueError("fit: resume=True continues the checkpoint, overwrite=True replaces "
+                         "it; give one of them")
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+
+
+def _splits(model, loss, params, state, data, eval_data):
+    """``(x, y, splits)``: the training data and what is evaluated, ``{"train": (x, y)}``
+    plus ``"test"`` from ``eval_data`` (default: a Dataset's test split). Each split is
+    checked against the model on its own, so an error names it and quotes its shapes."""
+    x, y = _split_data(data, "data")
+    check_split(model, loss, params, state, x, y, "fit: data")
+    splits = {"train": (x, y)}
+    if eval_data is None and isinstance(data, Dataset):
+        eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
+    else:
+        eval_name = "eval_data"
+    if eval_data is not None:
+        eval_x, eval_y = _split_data(eval_data, eval_name)
+        check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
+        splits["test"] = (_like(eval_x, x), _like(eval_y, y))  # dtypes alike: one compile
+    return x, y, splits
+
+
+def _mesh(mesh, shard_params: bool, batch_size: int):
+    """``(mesh, shard_params)``: ``mesh`` as a jax Mesh (None: one device), checked to
+    split ``batch_size`` evenly; ``shard_params`` needs a mesh."""
+    mesh = data_parallel.as_mesh(mesh, "fit")
+    if mesh is None and shard_params:
+        raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
+    if mesh is not None:
+        data_parallel.check_batch(batch_size, mesh, "fit")
+    return mesh, shard_params
+
+
+def _total_steps(epochs, steps, steps_per_epoch: int) -> int:
+    """The steps of the whole run: ``steps``, or ``epochs`` (default 10) epochs."""
+    if steps is not None:
+        return _positive_int(steps, "steps")
+    return _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
+
+
 # ---------------------------------------------------------------------------- fit
 
 def _epochs(steps, steps_per_epoch) -> str:
@@ -429,61 +559,25 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       (accuracies are None where they do not apply: they need integer labels, or targets
       of the output's 2-D shape whose rows are probability vectors, e.g. one-hot).
     """
-    opt = make_optimizer(optimizer, learning_rate)
-    fns = compiled(model, loss, grad, opt)
-    check_state(model, state)
-    state = state if model.stateful else {}
-    if loop not in LOOPS:
-        raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
-    if loop == "auto":
-        loop = "python" if jax.default_backend() == "cpu" and _has_conv(model) else "scan"
-    key = _as_key(key)
-    batch_size = _positive_int(batch_size, "batch_size")
-    eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
-    if epochs is not None and steps is not None:
-        raise ValueError("fit: give epochs or steps, not both")
-    resume, overwrite = _bool(resume, "resume"), _bool(overwrite, "overwrite")
-    stop_on_nonfinite = _bool(stop_on_nonfinite, "stop_on_nonfinite")
-    for flag, value in (("resume", resume), ("overwrite", overwrite)):
-        if value and checkpoint_dir is None:
-            raise ValueError(f"fit: {flag}=True needs a checkpoint_dir")
-    if resume and overwrite:
-        raise ValueError("fit: resume=True continues the checkpoint, overwrite=True replaces "
-                         "it; give one of them")
-
-    # each split is checked on its own, so an error names it and quotes its shapes
-    x, y = _split_data(data, "data")
-    check_split(model, loss, params, state, x, y, "fit: data")
-    splits = {"train": (x, y)}
-    if eval_data is None and isinstance(data, Dataset):
-        eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
-    else:
-        eval_name = "eval_data"
-    if eval_data is not None:
-        eval_x, eval_y = _split_data(eval_data, eval_name)
-        check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
-        splits["test"] = (_like(eval_x, x), _like(eval_y, y))  # dtypes alike: one compile
-    n = len(y)
-    if batch_size > n:
-        raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
-    shard_params = _bool(shard_params, "shard_params")
-    mesh = data_parallel.as_mesh(mesh, "fit")
-    if mesh is None and shard_params:
-        raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
-    if mesh is not None:
-        data_parallel.check_batch(batch_size, mesh, "fit")
-    steps_per_epoch = n // batch_size
-    if steps is not None:
-        total_steps = _positive_int(steps, "steps")
-    else:
-        total_steps = _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
+    cfg = _config(model, loss, params, data, key=key, optimizer=optimizer,
+                  learning_rate=learning_rate, epochs=epochs, steps=steps,
+                  batch_size=batch_size, grad=grad, eval_data=eval_data,
+                  eval_batch_size=eval_batch_size, checkpoint_dir=checkpoint_dir,
+                  resume=resume, overwrite=overwrite, stop_on_nonfinite=stop_on_nonfinite,
+                  loop=loop, progress=progress, on_epoch=on_epoch, mesh=mesh,
+                  shard_params=shard_params, state=state)
+    opt, fns, state, loop, key = cfg.optimizer, cfg.fns, cfg.state, cfg.loop, cfg.key
+    x, y, splits, n, batch_size = cfg.x, cfg.y, cfg.splits, cfg.n, cfg.batch_size
+    mesh, shard_params, total_steps = cfg.mesh, cfg.shard_params, cfg.total_steps
+    steps_per_epoch, ck_path = cfg.steps_per_epoch, cfg.checkpoint_path
+    resume, overwrite, stop_on_nonfinite = cfg.resume, cfg.overwrite, cfg.stop_on_nonfinite
+    eval_batch_size = cfg.eval_batch_size
 
     opt_state = opt.init(params)
     step = 0
     history = {"loss": [], "eval": []}
-    config = {"batch_size": batch_size, "n": n}
+    config = cfg.run_config
     described = describe_optimizer(optimizer, learning_rate, opt_state)
-    ck_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if ck_path is not None and ck_path.exists():
         if not (resume or overwrite):
             _refuse_overwrite(ck_path)
