@@ -286,55 +286,6 @@ def _epoch_plan(key, epoch, n, batch_size, n_steps, first_step):
 _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-def _checkpoint_tree(params, opt_state, step, key, model_state):
-    # "params" sorts before "state", so a different model is reported by a params leaf first.
-    tree = {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
-    if jax.tree_util.tree_leaves(model_state):  # batch_norm's running statistics
-        tree["state"]["model_state"] = model_state
-    return tree
-
-
-_OPT_STATE = "['state']['opt_state']"  # where the optimizer state's leaves live in that tree
-
-
-def _restore(path, template, config, optimizer):
-    """``(tree, meta)`` of the checkpoint at ``path`` if it continues this run: the same
-    model (else "different model", naming the leaf), the same optimizer (else "different
-    optimizer"; ``optimizer`` is :func:`describe_optimizer`'s) and the same config."""
-    try:
-        tree, meta = checkpoint.load(path, template)
-    except checkpoint.Mismatch as err:
-        saved = checkpoint.read_meta(path).get("optimizer")
-        if (err.leaf or "").startswith(_OPT_STATE):
-            raise _different_optimizer(path, saved, optimizer, err.leaf) from None
-        if err.leaf is None and saved not in (None, optimizer):  # only the structure differs
-            raise _different_optimizer(path, saved, optimizer) from None
-        raise
-    if meta.get("optimizer") not in (None, optimizer):  # None: written before it was recorded
-        raise _different_optimizer(path, meta["optimizer"], optimizer)
-    if meta["config"] != config:
-        raise ValueError(f"fit: checkpoint {path} was written with {meta['config']}, "
-                         f"this run has {config}; resuming would not repeat the same run")
-    return tree, meta
-
-
-def _different_optimizer(path, saved, optimizer, leaf=None) -> ValueError:
-    return ValueError(f"fit: checkpoint {path} was written with a different optimizer: "
-                      f"{_optimizer_text(saved)}; this run uses {_optimizer_text(optimizer)}"
-                      + (f" (the optimizer state differs at leaf {leaf})" if leaf else ""))
-
-
-def _refuse_overwrite(path):
-    try:
-        held = f" ({len(checkpoint.read_meta(path)['history']['loss'])} steps)"
-    except Exception:  # unreadable: refuse all the same, without the count
-        held = ""
-    raise ValueError(f"fit: {path} already holds a checkpoint{held}; pass resume=True to "
-                     f"continue it, or overwrite=True to start afresh and replace it")
-
-
 # ---------------------------------------------------------------------------- configuration
 
 class FitConfig(NamedTuple):
@@ -465,12 +416,100 @@ def _total_steps(epochs, steps, steps_per_epoch: int) -> int:
     return _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
 
 
-# ---------------------------------------------------------------------------- fit
+# ---------------------------------------------------------------------------- resume
+
+class Run(NamedTuple):
+    """Where a training run stands: what a checkpoint holds, and what an epoch starts from."""
+
+    params: object
+    opt_state: object
+    state: object  # the model's state; {} for a model without
+    step: int  # the steps taken so far
+    key: jax.Array  # the run's PRNG key: with the step, it decides every batch and dropout mask
+    history: dict  # {"loss": [...], "eval": [...]}, as fit returns it
+
+
+def _checkpoint_tree(run: Run) -> dict:
+    """What a checkpoint stores of ``run`` (its history goes in the metadata)."""
+    # "params" sorts before "state", so a different model is reported by a params leaf first.
+    tree = {"params": run.params,
+            "state": {"opt_state": run.opt_state, "step": run.step, "key": run.key}}
+    if jax.tree_util.tree_leaves(run.state):  # batch_norm's running statistics
+        tree["state"]["model_state"] = run.state
+    return tree
+
+
+_OPT_STATE = "['state']['opt_state']"  # where the optimizer state's leaves live in that tree
+
+
+def _restore(path, template, config, optimizer):
+    """``(tree, meta)`` of the checkpoint at ``path`` if it continues this run: the same
+    model (else "different model", naming the leaf), the same optimizer (else "different
+    optimizer"; ``optimizer`` is :func:`describe_optimizer`'s) and the same config."""
+    try:
+        tree, meta = checkpoint.load(path, template)
+    except checkpoint.Mismatch as err:
+        saved = checkpoint.read_meta(path).get("optimizer")
+        if (err.leaf or "").startswith(_OPT_STATE):
+            raise _different_optimizer(path, saved, optimizer, err.leaf) from None
+        if err.leaf is None and saved not in (None, optimizer):  # only the structure differs
+            raise _different_optimizer(path, saved, optimizer) from None
+        raise
+    if meta.get("optimizer") not in (None, optimizer):  # None: written before it was recorded
+        raise _different_optimizer(path, meta["optimizer"], optimizer)
+    if meta["config"] != config:
+        raise ValueError(f"fit: checkpoint {path} was written with {meta['config']}, "
+                         f"this run has {config}; resuming would not repeat the same run")
+    return tree, meta
+
+
+def _different_optimizer(path, saved, optimizer, leaf=None) -> ValueError:
+    return ValueError(f"fit: checkpoint {path} was written with a different optimizer: "
+                      f"{_optimizer_text(saved)}; this run uses {_optimizer_text(optimizer)}"
+                      + (f" (the optimizer state differs at leaf {leaf})" if leaf else ""))
+
 
 def _epochs(steps, steps_per_epoch) -> str:
     epochs = steps / steps_per_epoch
     return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
 
+
+def _resume(cfg: FitConfig, fresh: Run, optimizer: dict) -> Run:
+    """The run to go on from: ``fresh`` (step 0), or the one restored from the checkpoint at
+    ``cfg.checkpoint_path`` with ``cfg.resume``. A checkpoint there without ``resume`` or
+    ``overwrite`` is refused (overwrite: it is replaced after the first epoch); one to resume
+    must continue this run (:func:`_restore`; ``optimizer`` is :func:`describe_optimizer`'s)
+    and hold at most ``cfg.total_steps`` steps."""
+    path = cfg.checkpoint_path
+    if path is None or not path.exists():
+        return fresh
+    if not (cfg.resume or cfg.overwrite):
+        _refuse_overwrite(path)
+    if not cfg.resume:
+        return fresh
+    saved, meta = _restore(path, _checkpoint_tree(fresh), cfg.run_config, optimizer)
+    kept = saved["state"]
+    run = Run(saved["params"], kept["opt_state"], kept.get("model_state", fresh.state),
+              kept["step"], kept["key"], meta["history"])
+    held, asked, per_epoch = run.step, cfg.total_steps, cfg.steps_per_epoch
+    if held > asked:
+        raise ValueError(f"fit: checkpoint {path} already holds {held} steps "
+                         f"({_epochs(held, per_epoch)}); asked for {asked} steps "
+                         f"({_epochs(asked, per_epoch)}). epochs/steps count the whole run, "
+                         f"the checkpoint's steps included")
+    return run
+
+
+def _refuse_overwrite(path):
+    try:
+        held = f" ({len(checkpoint.read_meta(path)['history']['loss'])} steps)"
+    except Exception:  # unreadable: refuse all the same, without the count
+        held = ""
+    raise ValueError(f"fit: {path} already holds a checkpoint{held}; pass resume=True to "
+                     f"continue it, or overwrite=True to start afresh and replace it")
+
+
+# ---------------------------------------------------------------------------- fit
 
 def _check_finite(values, first_step, epoch):
     """Raise FloatingPointError naming the first non-finite minibatch loss in ``values``."""
@@ -570,29 +609,14 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     x, y, splits, n, batch_size = cfg.x, cfg.y, cfg.splits, cfg.n, cfg.batch_size
     mesh, shard_params, total_steps = cfg.mesh, cfg.shard_params, cfg.total_steps
     steps_per_epoch, ck_path = cfg.steps_per_epoch, cfg.checkpoint_path
-    resume, overwrite, stop_on_nonfinite = cfg.resume, cfg.overwrite, cfg.stop_on_nonfinite
+    stop_on_nonfinite = cfg.stop_on_nonfinite
     eval_batch_size = cfg.eval_batch_size
 
     opt_state = opt.init(params)
-    step = 0
-    history = {"loss": [], "eval": []}
     config = cfg.run_config
     described = describe_optimizer(optimizer, learning_rate, opt_state)
-    if ck_path is not None and ck_path.exists():
-        if not (resume or overwrite):
-            _refuse_overwrite(ck_path)
-        if resume:
-            saved, meta = _restore(ck_path, _checkpoint_tree(params, opt_state, 0, key, state),
-                                   config, described)
-            params, held = saved["params"], saved["state"]
-            opt_state, step, key = held["opt_state"], held["step"], held["key"]
-            state = held.get("model_state", state)
-            history = meta["history"]
-            if step > total_steps:
-                raise ValueError(f"fit: checkpoint {ck_path} already holds {step} steps "
-                                 f"({_epochs(step, steps_per_epoch)}); asked for {total_steps} "
-                                 f"steps ({_epochs(total_steps, steps_per_epoch)}). epochs/"
-                                 f"steps count the whole run, the checkpoint's steps included")
+    fresh = Run(params, opt_state, state, 0, key, {"loss": [], "eval": []})
+    params, opt_state, state, step, key, history = _resume(cfg, fresh, described)
 
     dp = None
     if mesh is not None:
@@ -639,7 +663,7 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
             record_eval(epoch + 1)
             if ck_path is not None:
-                tree = _checkpoint_tree(params, opt_state, step, key, state)
+                tree = _checkpoint_tree(Run(params, opt_state, state, step, key, history))
                 if dp is not None:
                     tree = data_parallel.gather(tree)  # a collective: every process takes part
                 if dp is None or dp.is_main:
