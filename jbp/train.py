@@ -509,6 +509,60 @@ def _refuse_overwrite(path):
                      f"continue it, or overwrite=True to start afresh and replace it")
 
 
+# ---------------------------------------------------------------------------- epoch runners
+
+class EpochRunner(NamedTuple):
+    """How the steps of an epoch run: one ``lax.scan``, a Python loop over the jitted step,
+    or either of them data-parallel over a mesh; the rest of fit does not tell them apart."""
+
+    # (params, opt_state, state, batches (S, B), keys (S,), bar) -> (params, opt_state,
+    # state, losses (S,)): the S steps over the rows in batches, counted on the tqdm bar
+    run_epoch: Callable
+    to_host: Callable  # tree -> the tree on this host (on a mesh every process must call it)
+    is_main: bool  # whether this process shows progress and writes the checkpoint
+
+
+def _epoch_runner(cfg: FitConfig, model, loss, grad, run: Run) -> tuple[EpochRunner, Run]:
+    """The runner of ``cfg.loop`` on one device or, with ``cfg.mesh``, data-parallel; and
+    ``run`` where that runner wants it (on a mesh: params, optimizer state and model state
+    placed on it, once every process has agreed to start at ``run.step``)."""
+    if cfg.mesh is None:
+        return _one_device_runner(cfg.fns, cfg.loop, cfg.x, cfg.y), run
+    dp = data_parallel.DataParallel(model, loss, grad, cfg.optimizer, cfg.mesh,
+                                    cfg.shard_params, cfg.x, cfg.y)
+    dp.agree(run.step, cfg.checkpoint_path)
+    run = run._replace(params=dp.place(run.params), opt_state=dp.place(run.opt_state),
+                       state=data_parallel.place(run.state, cfg.mesh))
+
+    def run_epoch(params, opt_state, state, batches, keys, bar):
+        return dp.run_epoch(params, opt_state, state, batches, keys, cfg.loop, bar)
+
+    return EpochRunner(run_epoch, data_parallel.gather, dp.is_main), run
+
+
+def _one_device_runner(fns: Compiled, loop: str, x, y) -> EpochRunner:
+    """The runner on the default device: ``fns.epoch`` (one scan) for ``loop="scan"``,
+    ``fns.step`` once per batch for ``"python"``; the data ``x, y`` are indexed on device."""
+
+    def scan_epoch(params, opt_state, state, batches, keys, bar):
+        params, opt_state, state, losses = fns.epoch(params, opt_state, state, x, y,
+                                                     batches, keys)
+        bar.update(len(batches))
+        return params, opt_state, state, losses
+
+    def python_epoch(params, opt_state, state, batches, keys, bar):
+        losses = []
+        for i in range(len(batches)):
+            params, opt_state, state, value = fns.step(params, opt_state, state, x, y,
+                                                       batches[i], keys[i])
+            losses.append(value)
+            bar.update(1)
+        return params, opt_state, state, jnp.stack(losses)
+
+    return EpochRunner(scan_epoch if loop == "scan" else python_epoch,
+                       to_host=lambda tree: tree, is_main=True)
+
+
 # ---------------------------------------------------------------------------- fit
 
 def _check_finite(values, first_step, epoch):
@@ -605,9 +659,8 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
                   resume=resume, overwrite=overwrite, stop_on_nonfinite=stop_on_nonfinite,
                   loop=loop, progress=progress, on_epoch=on_epoch, mesh=mesh,
                   shard_params=shard_params, state=state)
-    opt, fns, state, loop, key = cfg.optimizer, cfg.fns, cfg.state, cfg.loop, cfg.key
-    x, y, splits, n, batch_size = cfg.x, cfg.y, cfg.splits, cfg.n, cfg.batch_size
-    mesh, shard_params, total_steps = cfg.mesh, cfg.shard_params, cfg.total_steps
+    opt, fns, state, key = cfg.optimizer, cfg.fns, cfg.state, cfg.key
+    splits, n, batch_size, total_steps = cfg.splits, cfg.n, cfg.batch_size, cfg.total_steps
     steps_per_epoch, ck_path = cfg.steps_per_epoch, cfg.checkpoint_path
     stop_on_nonfinite = cfg.stop_on_nonfinite
     eval_batch_size = cfg.eval_batch_size
@@ -616,45 +669,26 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
     config = cfg.run_config
     described = describe_optimizer(optimizer, learning_rate, opt_state)
     fresh = Run(params, opt_state, state, 0, key, {"loss": [], "eval": []})
-    params, opt_state, state, step, key, history = _resume(cfg, fresh, described)
-
-    dp = None
-    if mesh is not None:
-        dp = data_parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
-        dp.agree(step, ck_path)
-        params, opt_state = dp.place(params), dp.place(opt_state)
-        state = data_parallel.place(state, mesh)
+    runner, run = _epoch_runner(cfg, model, loss, grad, _resume(cfg, fresh, described))
+    params, opt_state, state, step, key, history = run
     evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
 
     def record_eval(epoch):
-        on_host = (params, state) if dp is None else data_parallel.gather((params, state))
+        on_host = runner.to_host((params, state))
         history["eval"].append({"epoch": epoch, "step": step, **evaluate(*on_host)})
 
     if step == 0:
         record_eval(0)
     bar = tqdm(total=total_steps, initial=step, unit="step",
-               disable=not progress or (dp is not None and not dp.is_main),
+               disable=not progress or not runner.is_main,
                dynamic_ncols=True, leave=False)
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
             n_steps = min(steps_per_epoch, total_steps - step)
             batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
-            if dp is not None:
-                params, opt_state, state, values = dp.run_epoch(params, opt_state, state,
-                                                                batches, keys, loop, bar)
-            elif loop == "scan":
-                params, opt_state, state, values = fns.epoch(params, opt_state, state, x, y,
-                                                             batches, keys)
-                bar.update(n_steps)
-            else:
-                values = []
-                for i in range(n_steps):
-                    params, opt_state, state, value = fns.step(params, opt_state, state, x, y,
-                                                               batches[i], keys[i])
-                    values.append(value)
-                    bar.update(1)
-                values = jnp.stack(values)
+            params, opt_state, state, values = runner.run_epoch(params, opt_state, state,
+                                                                batches, keys, bar)
             values = np.asarray(values, np.float64)
             if stop_on_nonfinite:
                 _check_finite(values, step, epoch + 1)
@@ -663,10 +697,10 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
             bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
             record_eval(epoch + 1)
             if ck_path is not None:
-                tree = _checkpoint_tree(Run(params, opt_state, state, step, key, history))
-                if dp is not None:
-                    tree = data_parallel.gather(tree)  # a collective: every process takes part
-                if dp is None or dp.is_main:
+                # on a mesh a collective: every process takes part
+                tree = runner.to_host(_checkpoint_tree(Run(params, opt_state, state, step, key,
+                                                           history)))
+                if runner.is_main:
                     checkpoint.save(ck_path, tree, meta={"config": config,
                                                          "optimizer": described,
                                                          "history": history})
