@@ -563,7 +563,7 @@ def _one_device_runner(fns: Compiled, loop: str, x, y) -> EpochRunner:
                        to_host=lambda tree: tree, is_main=True)
 
 
-# ---------------------------------------------------------------------------- fit
+# ---------------------------------------------------------------------------- bookkeeping
 
 def _check_finite(values, first_step, epoch):
     """Raise FloatingPointError naming the first non-finite minibatch loss in ``values``."""
@@ -577,6 +577,66 @@ def _check_finite(values, first_step, epoch):
             f"data and for labels outside [0, classes); stop_on_nonfinite=False trains on "
             f"regardless")
 
+
+class Bookkeeping:
+    """What fit does around the epochs, besides training: it evaluates into the history,
+    records each epoch's minibatch losses (stopping at a non-finite one), shows progress,
+    writes the checkpoint and calls ``on_epoch``.
+
+    ``optimizer`` is :func:`describe_optimizer`'s (the checkpoint records it); ``stateful``
+    says whether ``on_epoch`` is given the model's state."""
+
+    def __init__(self, cfg: FitConfig, runner: EpochRunner, optimizer: dict, stateful: bool):
+        self.cfg, self.runner, self.optimizer, self.stateful = cfg, runner, optimizer, stateful
+        self.evaluate = make_evaluator(cfg.fns.evaluate, cfg.splits, cfg.eval_batch_size)
+
+    def progress_bar(self, run: Run) -> tqdm:
+        """A tqdm bar over the run's steps, from ``run.step`` on; silent without
+        ``cfg.progress`` and in every process but the main one."""
+        return tqdm(total=self.cfg.total_steps, initial=run.step, unit="step",
+                    disable=not self.cfg.progress or not self.runner.is_main,
+                    dynamic_ncols=True, leave=False)
+
+    def record_eval(self, run: Run, epoch: int) -> None:
+        """Append the evaluation of ``run``'s params and state after ``epoch`` epochs (0:
+        before the first) to ``run.history["eval"]``."""
+        params, state = self.runner.to_host((run.params, run.state))
+        run.history["eval"].append({"epoch": epoch, "step": run.step,
+                                    **self.evaluate(params, state)})
+
+    def end_epoch(self, run: Run, trained, losses, epoch: int, bar) -> Run:
+        """The run after epoch ``epoch`` (counting from 1), which took ``run`` to
+        ``trained = (params, opt_state, state)`` with minibatch ``losses (S,)``: checked
+        for NaN/inf (``cfg.stop_on_nonfinite``: before anything is recorded), its losses in
+        the history and on the bar, evaluated, checkpointed, and passed to ``on_epoch``."""
+        losses = np.asarray(losses, np.float64)
+        if self.cfg.stop_on_nonfinite:
+            _check_finite(losses, run.step, epoch)
+        params, opt_state, state = trained
+        run = run._replace(params=params, opt_state=opt_state, state=state,
+                           step=run.step + len(losses))
+        run.history["loss"].extend(losses.tolist())
+        bar.set_postfix(epoch=epoch, loss=f"{run.history['loss'][-1]:.4f}")
+        self.record_eval(run, epoch)
+        if self.cfg.checkpoint_path is not None:
+            self.save(run)
+        if self.cfg.on_epoch is not None:
+            self.cfg.on_epoch(epoch, run.params, run.history,
+                              **({"state": run.state} if self.stateful else {}))
+        return run
+
+    def save(self, run: Run) -> None:
+        """Write ``run`` to ``cfg.checkpoint_path`` (atomically), with the run's config,
+        optimizer and history. On a mesh every process must call it (the gather is a
+        collective); only the main one writes."""
+        tree = self.runner.to_host(_checkpoint_tree(run))
+        if self.runner.is_main:
+            checkpoint.save(self.cfg.checkpoint_path, tree,
+                            meta={"config": self.cfg.run_config, "optimizer": self.optimizer,
+                                  "history": run.history})
+
+
+# ---------------------------------------------------------------------------- fit
 
 def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning_rate=None,
         epochs: int | None = None, steps: int | None = None, batch_size: int = 128,
@@ -659,54 +719,19 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
                   resume=resume, overwrite=overwrite, stop_on_nonfinite=stop_on_nonfinite,
                   loop=loop, progress=progress, on_epoch=on_epoch, mesh=mesh,
                   shard_params=shard_params, state=state)
-    opt, fns, state, key = cfg.optimizer, cfg.fns, cfg.state, cfg.key
-    splits, n, batch_size, total_steps = cfg.splits, cfg.n, cfg.batch_size, cfg.total_steps
-    steps_per_epoch, ck_path = cfg.steps_per_epoch, cfg.checkpoint_path
-    stop_on_nonfinite = cfg.stop_on_nonfinite
-    eval_batch_size = cfg.eval_batch_size
-
-    opt_state = opt.init(params)
-    config = cfg.run_config
+    opt_state = cfg.optimizer.init(params)
     described = describe_optimizer(optimizer, learning_rate, opt_state)
-    fresh = Run(params, opt_state, state, 0, key, {"loss": [], "eval": []})
+    fresh = Run(params, opt_state, cfg.state, 0, cfg.key, {"loss": [], "eval": []})
     runner, run = _epoch_runner(cfg, model, loss, grad, _resume(cfg, fresh, described))
-    params, opt_state, state, step, key, history = run
-    evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
-
-    def record_eval(epoch):
-        on_host = runner.to_host((params, state))
-        history["eval"].append({"epoch": epoch, "step": step, **evaluate(*on_host)})
-
-    if step == 0:
-        record_eval(0)
-    bar = tqdm(total=total_steps, initial=step, unit="step",
-               disable=not progress or not runner.is_main,
-               dynamic_ncols=True, leave=False)
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            n_steps = min(steps_per_epoch, total_steps - step)
-            batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
-            params, opt_state, state, values = runner.run_epoch(params, opt_state, state,
-                                                                batches, keys, bar)
-            values = np.asarray(values, np.float64)
-            if stop_on_nonfinite:
-                _check_finite(values, step, epoch + 1)
-            step += n_steps
-            history["loss"].extend(values.tolist())
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
-            record_eval(epoch + 1)
-            if ck_path is not None:
-                # on a mesh a collective: every process takes part
-                tree = runner.to_host(_checkpoint_tree(Run(params, opt_state, state, step, key,
-                                                           history)))
-                if runner.is_main:
-                    checkpoint.save(ck_path, tree, meta={"config": config,
-                                                         "optimizer": described,
-                                                         "history": history})
-            if on_epoch is not None:
-                on_epoch(epoch + 1, params, history,
-                         **({"state": state} if model.stateful else {}))
-    finally:
-        bar.close()
-    return (params, state, history) if model.stateful else (params, history)
+    books = Bookkeeping(cfg, runner, described, model.stateful)
+    if run.step == 0:
+        books.record_eval(run, 0)
+    with books.progress_bar(run) as bar:
+        while run.step < cfg.total_steps:
+            epoch = run.step // cfg.steps_per_epoch
+            n_steps = min(cfg.steps_per_epoch, cfg.total_steps - run.step)
+            batches, keys = _plan(run.key, epoch, cfg.n, cfg.batch_size, n_steps, run.step)
+            *trained, losses = runner.run_epoch(run.params, run.opt_state, run.state,
+                                                batches, keys, bar)
+            run = books.end_epoch(run, trained, losses, epoch + 1, bar)
+    return (run.params, run.state, run.history) if model.stateful else (run.params, run.history)
