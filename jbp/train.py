@@ -107,7 +107,6 @@ def describe_optimizer(optimizer, learning_rate, opt_state) -> dict:
     return {"name": optimizer or "adam", "learning_rate": rate, "state": state}
 
 
-
 def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
     """The gradient source as ``f(params, state, x, y, key) -> (loss, new_state, grads)``.
 
@@ -368,7 +367,6 @@ def _total_steps(epochs, steps, steps_per_epoch: int) -> int:
     if steps is not None:
         return _positive_int(steps, "steps")
     return _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
-
 
 
 # ---------------------------------------------------------------------------- fit
