@@ -14,7 +14,9 @@ slower than in the jitted step on its own (``scripts/time_fit_loop.py --cnn 32``
 docs/training.md), and scan otherwise. The same key gives bit-identical params on the same
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
 Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows. With a
-``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`).
+``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`). This module checks
+fit's arguments and compiles its steps; the loop itself (resume, the epoch runners, the
+bookkeeping after each epoch) is in :mod:`jbp.fit_loop`.
 
 A model that keeps state (batch_norm) trains with ``state=``: every step returns the new
 state beside the params, evaluation uses it, checkpoints hold it, and ``fit`` returns
@@ -29,12 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from jbp import checkpoint, data_parallel
+from jbp import data_parallel, fit_loop
 from jbp.data import Dataset
-from jbp.evaluation import (check_split, make_evaluate, make_evaluate_chunks,
-                            make_evaluator)
+from jbp.evaluation import check_split, make_evaluate, make_evaluate_chunks
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
 from jbp.layer import Layer, check_state
 from jbp.layers.conv import Convolution
@@ -106,16 +106,6 @@ def describe_optimizer(optimizer, learning_rate, opt_state) -> dict:
         return {"name": optimizer or "adam", "learning_rate": "schedule", "state": state}
     rate = DEFAULT_LEARNING_RATE if learning_rate is None else float(learning_rate)
     return {"name": optimizer or "adam", "learning_rate": rate, "state": state}
-
-
-def _optimizer_text(description) -> str:
-    if description is None:
-        return "an optimizer it did not record"
-    if description["name"] is None:
-        return f"an optax GradientTransformation with state {description['state']}"
-    if description["learning_rate"] == "schedule":
-        return f"{description['name']!r} with a learning-rate schedule"
-    return f"{description['name']!r} with learning_rate {description['learning_rate']:g}"
 
 
 def make_grad_fn(model: Layer, loss: Loss, grad) -> Callable:
@@ -286,74 +276,100 @@ def _epoch_plan(key, epoch, n, batch_size, n_steps, first_step):
 _plan = jax.jit(_epoch_plan, static_argnums=(2, 3, 4))
 
 
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- configuration
 
-def _checkpoint_tree(params, opt_state, step, key, model_state):
-    # "params" sorts before "state", so a different model is reported by a params leaf first.
-    tree = {"params": params, "state": {"opt_state": opt_state, "step": step, "key": key}}
-    if jax.tree_util.tree_leaves(model_state):  # batch_norm's running statistics
-        tree["state"]["model_state"] = model_state
-    return tree
-
-
-_OPT_STATE = "['state']['opt_state']"  # where the optimizer state's leaves live in that tree
-
-
-def _restore(path, template, config, optimizer):
-    """``(tree, meta)`` of the checkpoint at ``path`` if it continues this run: the same
-    model (else "different model", naming the leaf), the same optimizer (else "different
-    optimizer"; ``optimizer`` is :func:`describe_optimizer`'s) and the same config."""
-    try:
-        tree, meta = checkpoint.load(path, template)
-    except checkpoint.Mismatch as err:
-        saved = checkpoint.read_meta(path).get("optimizer")
-        if (err.leaf or "").startswith(_OPT_STATE):
-            raise _different_optimizer(path, saved, optimizer, err.leaf) from None
-        if err.leaf is None and saved not in (None, optimizer):  # only the structure differs
-            raise _different_optimizer(path, saved, optimizer) from None
-        raise
-    if meta.get("optimizer") not in (None, optimizer):  # None: written before it was recorded
-        raise _different_optimizer(path, meta["optimizer"], optimizer)
-    if meta["config"] != config:
-        raise ValueError(f"fit: checkpoint {path} was written with {meta['config']}, "
-                         f"this run has {config}; resuming would not repeat the same run")
-    return tree, meta
-
-
-def _different_optimizer(path, saved, optimizer, leaf=None) -> ValueError:
-    return ValueError(f"fit: checkpoint {path} was written with a different optimizer: "
-                      f"{_optimizer_text(saved)}; this run uses {_optimizer_text(optimizer)}"
-                      + (f" (the optimizer state differs at leaf {leaf})" if leaf else ""))
+def _config(model, loss, params, data, *, key, optimizer, learning_rate, epochs, steps,
+            batch_size, grad, eval_data, eval_batch_size, checkpoint_dir, resume, overwrite,
+            stop_on_nonfinite, loop, progress, on_epoch, mesh, shard_params,
+            state) -> fit_loop.FitConfig:
+    """:func:`fit`'s arguments (as fit takes them) checked, each once and in this order, as
+    a :class:`jbp.fit_loop.FitConfig`. A bad one raises ValueError (TypeError for a mesh or
+    state of the wrong kind) with a message that names it; so does data that does not fit
+    the model."""
+    opt = make_optimizer(optimizer, learning_rate)
+    fns = compiled(model, loss, grad, opt)  # checks grad
+    check_state(model, state)
+    state = state if model.stateful else {}
+    loop = _choose_loop(loop, model)
+    key = _as_key(key)
+    batch_size = _positive_int(batch_size, "batch_size")
+    eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
+    if epochs is not None and steps is not None:
+        raise ValueError("fit: give epochs or steps, not both")
+    resume, overwrite = _bool(resume, "resume"), _bool(overwrite, "overwrite")
+    stop_on_nonfinite = _bool(stop_on_nonfinite, "stop_on_nonfinite")
+    checkpoint_path = _checkpoint_path(checkpoint_dir, resume, overwrite)
+    x, y, splits = _splits(model, loss, params, state, data, eval_data)
+    if batch_size > len(y):
+        raise ValueError(f"fit: batch_size {batch_size} is larger than the data "
+                         f"({len(y)} examples)")
+    mesh, shard_params = _mesh(mesh, _bool(shard_params, "shard_params"), batch_size)
+    total_steps = _total_steps(epochs, steps, len(y) // batch_size)
+    return fit_loop.FitConfig(opt, fns, state, loop, key, x, y, splits, batch_size,
+                              eval_batch_size, total_steps, stop_on_nonfinite, resume,
+                              overwrite, checkpoint_path, mesh, shard_params, progress,
+                              on_epoch)
 
 
-def _refuse_overwrite(path):
-    try:
-        held = f" ({len(checkpoint.read_meta(path)['history']['loss'])} steps)"
-    except Exception:  # unreadable: refuse all the same, without the count
-        held = ""
-    raise ValueError(f"fit: {path} already holds a checkpoint{held}; pass resume=True to "
-                     f"continue it, or overwrite=True to start afresh and replace it")
+def _choose_loop(loop, model) -> str:
+    """``"scan"`` or ``"python"``: ``loop`` checked, and ``"auto"`` decided for ``model``
+    (the Python loop for a model with convolutions on the CPU: see the module docstring)."""
+    if loop not in LOOPS:
+        raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
+    if loop == "auto":
+        loop = "python" if jax.default_backend() == "cpu" and _has_conv(model) else "scan"
+    return loop
+
+
+def _checkpoint_path(checkpoint_dir, resume: bool, overwrite: bool) -> Path | None:
+    """Where the checkpoint lives (None without ``checkpoint_dir``), once ``resume`` and
+    ``overwrite`` are known to make sense: each needs a folder, and they exclude each other."""
+    for flag, value in (("resume", resume), ("overwrite", overwrite)):
+        if value and checkpoint_dir is None:
+            raise ValueError(f"fit: {flag}=True needs a checkpoint_dir")
+    if resume and overwrite:
+        raise ValueError("fit: resume=True continues the checkpoint, overwrite=True replaces "
+                         "it; give one of them")
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+
+
+def _splits(model, loss, params, state, data, eval_data):
+    """``(x, y, splits)``: the training data and what is evaluated, ``{"train": (x, y)}``
+    plus ``"test"`` from ``eval_data`` (default: a Dataset's test split). Each split is
+    checked against the model on its own, so an error names it and quotes its shapes."""
+    x, y = _split_data(data, "data")
+    check_split(model, loss, params, state, x, y, "fit: data")
+    splits = {"train": (x, y)}
+    if eval_data is None and isinstance(data, Dataset):
+        eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
+    else:
+        eval_name = "eval_data"
+    if eval_data is not None:
+        eval_x, eval_y = _split_data(eval_data, eval_name)
+        check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
+        splits["test"] = (_like(eval_x, x), _like(eval_y, y))  # dtypes alike: one compile
+    return x, y, splits
+
+
+def _mesh(mesh, shard_params: bool, batch_size: int):
+    """``(mesh, shard_params)``: ``mesh`` as a jax Mesh (None: one device), checked to
+    split ``batch_size`` evenly; ``shard_params`` needs a mesh."""
+    mesh = data_parallel.as_mesh(mesh, "fit")
+    if mesh is None and shard_params:
+        raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
+    if mesh is not None:
+        data_parallel.check_batch(batch_size, mesh, "fit")
+    return mesh, shard_params
+
+
+def _total_steps(epochs, steps, steps_per_epoch: int) -> int:
+    """The steps of the whole run: ``steps``, or ``epochs`` (default 10) epochs."""
+    if steps is not None:
+        return _positive_int(steps, "steps")
+    return _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
 
 
 # ---------------------------------------------------------------------------- fit
-
-def _epochs(steps, steps_per_epoch) -> str:
-    epochs = steps / steps_per_epoch
-    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
-
-
-def _check_finite(values, first_step, epoch):
-    """Raise FloatingPointError naming the first non-finite minibatch loss in ``values``."""
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        at = first_step + int(bad[0])
-        raise FloatingPointError(
-            f"fit: the minibatch loss is {values[bad[0]]} at step {at + 1} "
-            f"(history['loss'][{at}]), epoch {epoch}; stopped before that epoch's evaluation "
-            f"and checkpoint. Lower the learning rate, or look for NaN/inf in the params and "
-            f"data and for labels outside [0, classes); stop_on_nonfinite=False trains on "
-            f"regardless")
-
 
 def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning_rate=None,
         epochs: int | None = None, steps: int | None = None, batch_size: int = 128,
@@ -429,132 +445,27 @@ def fit(model: Layer, loss: Loss, params, data, *, key, optimizer=None, learning
       (accuracies are None where they do not apply: they need integer labels, or targets
       of the output's 2-D shape whose rows are probability vectors, e.g. one-hot).
     """
-    opt = make_optimizer(optimizer, learning_rate)
-    fns = compiled(model, loss, grad, opt)
-    check_state(model, state)
-    state = state if model.stateful else {}
-    if loop not in LOOPS:
-        raise ValueError(f"fit: loop must be one of {LOOPS}, got {loop!r}")
-    if loop == "auto":
-        loop = "python" if jax.default_backend() == "cpu" and _has_conv(model) else "scan"
-    key = _as_key(key)
-    batch_size = _positive_int(batch_size, "batch_size")
-    eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
-    if epochs is not None and steps is not None:
-        raise ValueError("fit: give epochs or steps, not both")
-    resume, overwrite = _bool(resume, "resume"), _bool(overwrite, "overwrite")
-    stop_on_nonfinite = _bool(stop_on_nonfinite, "stop_on_nonfinite")
-    for flag, value in (("resume", resume), ("overwrite", overwrite)):
-        if value and checkpoint_dir is None:
-            raise ValueError(f"fit: {flag}=True needs a checkpoint_dir")
-    if resume and overwrite:
-        raise ValueError("fit: resume=True continues the checkpoint, overwrite=True replaces "
-                         "it; give one of them")
-
-    # each split is checked on its own, so an error names it and quotes its shapes
-    x, y = _split_data(data, "data")
-    check_split(model, loss, params, state, x, y, "fit: data")
-    splits = {"train": (x, y)}
-    if eval_data is None and isinstance(data, Dataset):
-        eval_data, eval_name = (data.x_test, data.y_test), "the test split of data"
-    else:
-        eval_name = "eval_data"
-    if eval_data is not None:
-        eval_x, eval_y = _split_data(eval_data, eval_name)
-        check_split(model, loss, params, state, eval_x, eval_y, f"fit: {eval_name}")
-        splits["test"] = (_like(eval_x, x), _like(eval_y, y))  # dtypes alike: one compile
-    n = len(y)
-    if batch_size > n:
-        raise ValueError(f"fit: batch_size {batch_size} is larger than the data ({n} examples)")
-    shard_params = _bool(shard_params, "shard_params")
-    mesh = data_parallel.as_mesh(mesh, "fit")
-    if mesh is None and shard_params:
-        raise ValueError("fit: shard_params=True needs a mesh (mesh='auto' or a jax Mesh)")
-    if mesh is not None:
-        data_parallel.check_batch(batch_size, mesh, "fit")
-    steps_per_epoch = n // batch_size
-    if steps is not None:
-        total_steps = _positive_int(steps, "steps")
-    else:
-        total_steps = _positive_int(10 if epochs is None else epochs, "epochs") * steps_per_epoch
-
-    opt_state = opt.init(params)
-    step = 0
-    history = {"loss": [], "eval": []}
-    config = {"batch_size": batch_size, "n": n}
+    cfg = _config(model, loss, params, data, key=key, optimizer=optimizer,
+                  learning_rate=learning_rate, epochs=epochs, steps=steps,
+                  batch_size=batch_size, grad=grad, eval_data=eval_data,
+                  eval_batch_size=eval_batch_size, checkpoint_dir=checkpoint_dir,
+                  resume=resume, overwrite=overwrite, stop_on_nonfinite=stop_on_nonfinite,
+                  loop=loop, progress=progress, on_epoch=on_epoch, mesh=mesh,
+                  shard_params=shard_params, state=state)
+    opt_state = cfg.optimizer.init(params)
     described = describe_optimizer(optimizer, learning_rate, opt_state)
-    ck_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
-    if ck_path is not None and ck_path.exists():
-        if not (resume or overwrite):
-            _refuse_overwrite(ck_path)
-        if resume:
-            saved, meta = _restore(ck_path, _checkpoint_tree(params, opt_state, 0, key, state),
-                                   config, described)
-            params, held = saved["params"], saved["state"]
-            opt_state, step, key = held["opt_state"], held["step"], held["key"]
-            state = held.get("model_state", state)
-            history = meta["history"]
-            if step > total_steps:
-                raise ValueError(f"fit: checkpoint {ck_path} already holds {step} steps "
-                                 f"({_epochs(step, steps_per_epoch)}); asked for {total_steps} "
-                                 f"steps ({_epochs(total_steps, steps_per_epoch)}). epochs/"
-                                 f"steps count the whole run, the checkpoint's steps included")
-
-    dp = None
-    if mesh is not None:
-        dp = data_parallel.DataParallel(model, loss, grad, opt, mesh, shard_params, x, y)
-        dp.agree(step, ck_path)
-        params, opt_state = dp.place(params), dp.place(opt_state)
-        state = data_parallel.place(state, mesh)
-    evaluate = make_evaluator(fns.evaluate, splits, eval_batch_size)
-
-    def record_eval(epoch):
-        on_host = (params, state) if dp is None else data_parallel.gather((params, state))
-        history["eval"].append({"epoch": epoch, "step": step, **evaluate(*on_host)})
-
-    if step == 0:
-        record_eval(0)
-    bar = tqdm(total=total_steps, initial=step, unit="step",
-               disable=not progress or (dp is not None and not dp.is_main),
-               dynamic_ncols=True, leave=False)
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            n_steps = min(steps_per_epoch, total_steps - step)
-            batches, keys = _plan(key, epoch, n, batch_size, n_steps, step)
-            if dp is not None:
-                params, opt_state, state, values = dp.run_epoch(params, opt_state, state,
-                                                                batches, keys, loop, bar)
-            elif loop == "scan":
-                params, opt_state, state, values = fns.epoch(params, opt_state, state, x, y,
-                                                             batches, keys)
-                bar.update(n_steps)
-            else:
-                values = []
-                for i in range(n_steps):
-                    params, opt_state, state, value = fns.step(params, opt_state, state, x, y,
-                                                               batches[i], keys[i])
-                    values.append(value)
-                    bar.update(1)
-                values = jnp.stack(values)
-            values = np.asarray(values, np.float64)
-            if stop_on_nonfinite:
-                _check_finite(values, step, epoch + 1)
-            step += n_steps
-            history["loss"].extend(values.tolist())
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}")
-            record_eval(epoch + 1)
-            if ck_path is not None:
-                tree = _checkpoint_tree(params, opt_state, step, key, state)
-                if dp is not None:
-                    tree = data_parallel.gather(tree)  # a collective: every process takes part
-                if dp is None or dp.is_main:
-                    checkpoint.save(ck_path, tree, meta={"config": config,
-                                                         "optimizer": described,
-                                                         "history": history})
-            if on_epoch is not None:
-                on_epoch(epoch + 1, params, history,
-                         **({"state": state} if model.stateful else {}))
-    finally:
-        bar.close()
-    return (params, state, history) if model.stateful else (params, history)
+    fresh = fit_loop.Run(params, opt_state, cfg.state, 0, cfg.key, {"loss": [], "eval": []})
+    started = fit_loop.resume(cfg, fresh, described)
+    runner, run = fit_loop.epoch_runner(cfg, model, loss, grad, started)
+    books = fit_loop.Bookkeeping(cfg, runner, described, model.stateful)
+    if run.step == 0:
+        books.record_eval(run, 0)
+    with books.progress_bar(run) as bar:
+        while run.step < cfg.total_steps:
+            epoch = run.step // cfg.steps_per_epoch
+            n_steps = min(cfg.steps_per_epoch, cfg.total_steps - run.step)
+            batches, keys = _plan(run.key, epoch, cfg.n, cfg.batch_size, n_steps, run.step)
+            *trained, losses = runner.run_epoch(run.params, run.opt_state, run.state,
+                                                batches, keys, bar)
+            run = books.end_epoch(run, trained, losses, epoch + 1, bar)
+    return (run.params, run.state, run.history) if model.stateful else (run.params, run.history)
