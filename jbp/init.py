@@ -9,7 +9,8 @@ With JAX's partitionable threefry (the default), element ``i`` of a draw depends
 key and on ``i``, not on the shape: a draw of ``n`` numbers is the first ``n`` of any longer
 draw with the same key. :func:`normal` therefore draws a vector whose length is the next
 power of two (one compiled program per power of two) and takes its first ``n`` numbers in
-the requested shape (a slice and a reshape, a program that compiles in ~20 ms). The values
+the requested shape (a slice and a reshape: a small program; its compile time is in
+docs/performance.md, "Measurements behind design choices"). The values
 are bit for bit ``jax.random.normal(key, shape, dtype)``'s (tested), times ``scale`` if
 given; where that would not hold (another PRNG implementation, the non-partitionable
 threefry, a traced key), it simply calls ``jax.random.normal``.

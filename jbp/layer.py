@@ -480,6 +480,7 @@ def composite_init_state(children, in_shapes):
 class _Spec(NamedTuple):
     key: tuple  # (qualified constructor name, frozen arguments): equality and hash
     text: str  # the call, for repr
+    constructor: str  # the constructor's name, e.g. "serial"
 
 
 class _ById:
@@ -540,7 +541,8 @@ def constructor(fn: Callable) -> Callable:
         bound.apply_defaults()
         key = (f"{fn.__module__}.{fn.__qualname__}",
                tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
-        return dataclasses.replace(layer, spec=_Spec(key, call_text(fn, *args, **kwargs)))
+        return dataclasses.replace(layer, spec=_Spec(key, call_text(fn, *args, **kwargs),
+                                                     fn.__name__))
 
     return build
 

@@ -99,8 +99,8 @@ def _name(row: Row) -> str:
     layer = row.layer
     text = repr(layer)
     if layer.walk is not None and layer.spec is not None and any(
-            _holds_layers(v) for _, v in layer.spec.key[1]):
-        text = layer.spec.key[0].rsplit(".", 1)[-1] + "(…)"
+            _holds_layers(v) for _, v in layer.spec.key[1]):  # built from layers given
+        text = layer.spec.constructor + "(…)"
     text = "  " * row.depth + text
     return text if len(text) <= _MAX_NAME else text[:_MAX_NAME - 1] + "…"
 

@@ -9,9 +9,9 @@ How it runs: the data are put on the device once; each epoch draws a permutation
 ``fold_in(key, epoch)`` and runs the update step over it, either as one ``lax.scan`` per
 epoch (``loop="scan"``, faster for MLPs on a 2-core CPU) or as a Python loop over the
 jitted step (``loop="python"``); ``loop="auto"``, the default, takes the Python loop for
-models with convolutions on the CPU, where XLA's convolutions inside ``lax.scan`` ran 17–24×
-slower than in the jitted step on its own (``scripts/time_fit_loop.py --cnn 32``; see
-docs/training.md), and scan otherwise. The same key gives bit-identical params on the same
+models with convolutions on the CPU, where XLA's convolutions inside ``lax.scan`` ran slower
+than in the jitted step on its own (docs/training.md, ``scripts/time_fit_loop.py``), and
+scan otherwise. The same key gives bit-identical params on the same
 machine, and a run resumed from a checkpoint ends where an uninterrupted run ends.
 Evaluation (:mod:`jbp.evaluation`) runs in chunks of ``eval_batch_size`` rows. With a
 ``mesh`` the same step runs data-parallel (:mod:`jbp.data_parallel`). This module checks

@@ -269,8 +269,8 @@ def per_example_kernel_grads(a, delta, geo: Window, groups: int):
     channel group g (its C/G channels stay in the N role, as before) and meets only
     example i's delta channels of group g, laid out (B, G, O/G) along the delta's O axis.
     Nothing is summed over examples. (``batch_group_count = B·G`` with the channels
-    example-major says the same, but XLA's CPU backend ran it ~40× slower: 0.5 s against
-    13 ms for the MNIST-1D CNN at batch 100; this form runs as fast as ``vmap(grad)``.)
+    example-major says the same, but XLA's CPU backend ran it far slower: docs/performance.md,
+    "Measurements behind design choices".)
     """
     n, batch = len(geo.size), a.shape[0]
     c, out = a.shape[-1], delta.shape[-1]
@@ -312,8 +312,8 @@ def per_example_sq_norms(a, delta, geo: Window, groups: int, path: str | None = 
     U_i U_iᵀ never needs U_i: column block j of U_i is X_j, what tap j reads (P × C/G: the
     padded input from row j·d on, every s-th row), so U_i U_iᵀ = Σ_j X_j X_jᵀ. A
     ``lax.scan`` over the taps adds them up one at a time, so only one X_j is alive at once
-    (with a Python loop XLA kept every X_j alive: 2.3× the temporary memory of
-    ``per_example_grad_norms`` on the MNIST-1D CNN).
+    (with a Python loop XLA kept every X_j alive: docs/performance.md, "Measurements behind
+    design choices").
 
     Accuracy. The Gram sum adds terms of both signs; where they cancel (an example whose
     gradient is small next to its inputs and deltas, e.g. positions whose contributions

@@ -58,13 +58,12 @@ from jax import lax
 
 from jbp import masks
 from jbp.init import constant, normal
-from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, cast_like, constructor,
-                       param_dtype, positive_int)
+from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, call_text, cast_like,
+                       constructor, param_dtype, positive_int)
 from jbp.layers.branches import parallel
 from jbp.layers.recurrent_cells import CELLS, Cell
 
 INITIAL_STATES = ("zeros", "learned")
-DEFAULTS = {"initial_state": "zeros", "reverse": False, "return_sequences": True}
 
 
 # ---------------------------------------------------------------------------- the scans
@@ -215,8 +214,8 @@ def _rule(opts) -> PerExampleRule:
 
 def _recurrent(opts: _Options) -> Layer:
     cell, H = opts.cell, opts.hidden
-    who = f"{cell.kind}({H}" + "".join(f", {k}={getattr(opts, k)!r}" for k in DEFAULTS
-                                       if getattr(opts, k) != DEFAULTS[k]) + ")"
+    who = call_text(opts.make, H, initial_state=opts.initial_state, reverse=opts.reverse,
+                    return_sequences=opts.return_sequences)
     dtype = opts.dtype
     names = ["W_x", "W_h", "b"] + ["b_hn"] * (cell.kind == "gru") + (
         ["h0", "c0"][:cell.n_states] if opts.initial_state == "learned" else [])
