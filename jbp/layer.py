@@ -359,10 +359,10 @@ def _expected(layer: Layer, what: str, in_shape: Shape, x64: bool):
     """ShapeDtypeStructs of what ``layer.init`` (``what="params"``) or ``layer.init_state``
     (``"state"``) gives for ``in_shape``; None where they refuse ``in_shape`` (then the
     forward's own input checks speak). ``x64``: part of the key, it decides the dtypes."""
-    make = ((lambda k: layer.init(k, in_shape)[1]) if what == "params"
-            else (lambda k: layer.init_state(in_shape)))
-    try:
-        return jax.eval_shape(make, jax.random.key(0))
+    make = ((lambda: layer.init(jax.random.key(0), in_shape)[1]) if what == "params"
+            else (lambda: layer.init_state(in_shape)))
+    try:  # the key is drawn inside: no op of it is staged into a trace that calls run
+        return jax.eval_shape(make)
     except Exception:
         return None
 
