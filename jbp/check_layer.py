@@ -4,8 +4,8 @@ The ``torch.autograd.gradcheck`` of jbp. For a layer and a per-example input sha
 in float64 and in float32:
 
 - ``init`` returns ``(out_shape, params)``: a tuple of ints and a pytree of float arrays;
-- ``forward`` returns ``(y, cache)`` with ``y`` of shape ``(B, *out_shape)`` in the input's
-  dtype, and ``backward`` returns ``dparams`` with the structure, shapes and dtypes of
+- ``forward`` returns ``(y, cache, new_state)`` with ``y`` of shape ``(B, *out_shape)`` in
+  the input's dtype, and ``backward`` returns ``dparams`` with the structure, shapes and dtypes of
   ``params`` and ``dx`` with the shape and dtype of ``x``;
 - the backward equals ``jax.vjp`` of the layer's own forward (normwise relative error per
   leaf ≤ 1e-12 in float64, ≤ 1e-5 in float32, with :func:`jbp.compare_grads`' floor for a
