@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jbp.grads import _check
+from jbp.grads import check_model_and_loss
 from jbp.layer import run
 
 # Default relative tolerance of "agrees", by the dtype of the gradients compared.
@@ -161,7 +161,7 @@ def numerical_value_and_grad(model, loss):
     to float64, so enable ``jax_enable_x64`` first. Use it on small models: it evaluates
     the loss twice per parameter.
     """
-    _check(model, loss)
+    check_model_and_loss(model, loss)
 
     def value_and_grad(params, x, y, **kwargs):
         if not jax.config.jax_enable_x64:

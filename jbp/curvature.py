@@ -33,9 +33,9 @@ import jax.numpy as jnp
 
 from jbp import losses
 from jbp.layers.activations import logistic
-from jbp.grads import manual_value_and_grad
+from jbp.grads import check_model_and_loss, manual_value_and_grad
 from jbp.layer import Layer, PerExampleRule, run
-from jbp.per_example import _check, like_params, trace
+from jbp.per_example import like_params, trace
 
 
 def hvp(model: Layer, loss: losses.Loss):
@@ -48,7 +48,7 @@ def hvp(model: Layer, loss: losses.Loss):
     hand-written gradient (``jbp.manual_value_and_grad``), so the reverse sweep is the
     manual backward.
     """
-    _check(model, loss, "hvp")
+    check_model_and_loss(model, loss, "hvp", per_example=True)
     grad = manual_value_and_grad(model, loss)
 
     def hessian_vector_product(params, x, y, v, *, weights=None, key=None, train=False,
@@ -147,7 +147,7 @@ def ggn_diagonal(model: Layer, loss: losses.Loss):
     error, softmax cross-entropy, sigmoid binary cross-entropy; layers as in
     :mod:`jbp.per_example` (batch_norm in evaluation mode only: the factor is per example).
     """
-    _check(model, loss, "ggn_diagonal")
+    check_model_and_loss(model, loss, "ggn_diagonal", per_example=True)
     sqrt_hessian = _factor_for(loss)
 
     def diagonal(params, x, y, *, weights=None, key=None, train=False, state=None, side=None):

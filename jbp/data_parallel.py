@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jbp.grads import _check, manual_value_and_grad
+from jbp.grads import check_model_and_loss, manual_value_and_grad
 from jbp.layer import Layer
 from jbp.losses import Loss
 
@@ -205,7 +205,7 @@ def data_parallel_value_and_grad(model: Layer, loss: Loss, mesh, *, grad: str = 
     times too large. ``key`` (dropout) is folded with the device index, so masks differ from
     a single device's. ``f`` is jit-able; the batch must divide N (a ValueError says so).
     """
-    _check(model, loss)
+    check_model_and_loss(model, loss)
     if model.stateful:
         raise ValueError(f"data_parallel_value_and_grad: {model.name} keeps state (batch_norm); "
                          f"under shard_map every device would normalise with its own shard's "

@@ -27,11 +27,19 @@ from jbp.losses import Loss
 GradFn = Callable  # (params, x, y, *, weights, key, train, state, side) -> (loss, grads)
 
 
-def _check(model, loss):
+def check_model_and_loss(model, loss, who: str = "", *, per_example: bool = False) -> None:
+    """Raise a TypeError unless ``model`` is a Layer and ``loss`` a Loss (with
+    ``per_example``: one whose value is the batch mean of its ``per_example``, as the
+    per-example functions need); ``who`` prefixes the message."""
+    at = f"{who}: " if who else ""
     if not isinstance(model, Layer):
-        raise TypeError(f"model must be a jbp Layer (e.g. jbp.mlp(...)), got {type(model).__name__}")
+        raise TypeError(f"{at}model must be a jbp Layer (e.g. jbp.mlp(...)), got "
+                        f"{type(model).__name__}")
+    if per_example and (not isinstance(loss, Loss) or type(loss).value is not Loss.value):
+        raise TypeError(f"{at}loss must be a jbp Loss, whose value is the batch mean of "
+                        f"per_example(out, target) -> (B,); got {type(loss).__name__}")
     if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a jbp Loss (e.g. jbp.losses.softmax_cross_entropy), "
+        raise TypeError(f"{at}loss must be a jbp Loss (e.g. jbp.losses.softmax_cross_entropy), "
                         f"got {type(loss).__name__}")
 
 
@@ -68,7 +76,7 @@ def backprop(model: Layer, loss: Loss, params, x, y, *, weights=None, key=None, 
     layer without a walk): for a dense layer that is the lecture's delta = ∂C/∂z, shape
     ``(B, out)``. For a model that keeps state ``value`` is ``(C, new_state)``.
     """
-    _check(model, loss)
+    check_model_and_loss(model, loss)
     out, cache, new_state = run(model, params, x, key=key, train=train, state=state, side=side)
     value = loss.value(out, y, weights)
     if model.stateful:
@@ -89,7 +97,7 @@ def manual_value_and_grad(model: Layer, loss: Loss) -> GradFn:
     """``f(params, x, y, *, weights=None, key=None, train=False, state=None, side=None) ->
     (C, ∂C/∂params)`` by the hand-written backward pass (``((C, new_state), ∂C/∂params)`` for a
     model that keeps state)."""
-    _check(model, loss)
+    check_model_and_loss(model, loss)
 
     def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None,
                        side=None):
@@ -104,7 +112,7 @@ def autodiff_value_and_grad(model: Layer, loss: Loss) -> GradFn:
     """``f(params, x, y, *, weights=None, key=None, train=False, state=None, side=None) ->
     (C, ∂C/∂params)`` by ``jax.value_and_grad`` of the forward (``((C, new_state), ∂C/∂params)``
     for a model that keeps state)."""
-    _check(model, loss)
+    check_model_and_loss(model, loss)
 
     def value_and_grad(params, x, y, *, weights=None, key=None, train=False, state=None,
                        side=None):

@@ -36,6 +36,7 @@ not taken here: every example counts once. A model with batch_norm needs ``state
 import jax
 import jax.numpy as jnp
 
+from jbp.grads import check_model_and_loss
 from jbp.layer import Layer, PerExampleRule, run
 from jbp.losses import Loss
 
@@ -68,15 +69,6 @@ def _visitor(hook, who: str):
         return params, dx
 
     return visit
-
-
-def _check(model, loss, who: str) -> None:
-    if not isinstance(model, Layer):
-        raise TypeError(f"{who}: model must be a jbp Layer (e.g. jbp.mlp(...)), got "
-                        f"{type(model).__name__}")
-    if not isinstance(loss, Loss) or type(loss).value is not Loss.value:
-        raise TypeError(f"{who}: loss must be a jbp Loss, whose value is the batch mean of "
-                        f"per_example(out, target) -> (B,); got {type(loss).__name__}")
 
 
 def _forward(model: Layer, loss: Loss, params, x, y, key, train, state, side, who: str):
@@ -123,7 +115,7 @@ def per_example_grads(model: Layer, loss: Loss):
     model's forward.
     """
     who = "per_example_grads"
-    _check(model, loss, who)
+    check_model_and_loss(model, loss, who, per_example=True)
 
     def grads(params, x, y, *, key=None, train=False, state=None, side=None):
         cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
@@ -138,7 +130,7 @@ def per_example_grad_norms(model: Layer, loss: Loss):
     Never forms ∇ℓ_i: a dense layer contributes ‖a_i‖²·‖δ_i‖² + ‖δ_i‖².
     """
     who = "per_example_grad_norms"
-    _check(model, loss, who)
+    check_model_and_loss(model, loss, who, per_example=True)
 
     def norms(params, x, y, *, key=None, train=False, state=None, side=None):
         cache, dout = _forward(model, loss, params, x, y, key, train, state, side, who)
@@ -155,7 +147,7 @@ def per_example_grad_variance(model: Layer, loss: Loss, *, ddof: int = 0):
     Σ∇ℓ_i² − B·mean² loses every digit in float32 when the examples agree).
     """
     who = "per_example_grad_variance"
-    _check(model, loss, who)
+    check_model_and_loss(model, loss, who, per_example=True)
     if not isinstance(ddof, int) or ddof < 0:
         raise ValueError(f"{who}: ddof must be a non-negative int, got {ddof!r}")
 
@@ -189,7 +181,7 @@ def clipped_grad_mean(model: Layer, loss: Loss, l2_norm_clip: float):
     linear in it, so that sums the clipped per-example gradients without forming them).
     """
     who = "clipped_grad_mean"
-    _check(model, loss, who)
+    check_model_and_loss(model, loss, who, per_example=True)
     if not l2_norm_clip > 0:
         raise ValueError(f"{who}: l2_norm_clip must be positive, got {l2_norm_clip!r}")
 
