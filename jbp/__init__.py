@@ -33,6 +33,8 @@ from jbp.layers.dropout import dropout
 from jbp.layers.embedding import embedding
 from jbp.layers.flatten import flatten
 from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
+from jbp.kfac import kfac
+from jbp.kronecker import kronecker_factors
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
@@ -72,7 +74,7 @@ __all__ = [
     "print_summary",
     # beyond the gradient
     "as_custom_vjp", "per_example_grads", "per_example_grad_norms", "per_example_grad_variance",
-    "clipped_grad_mean", "hvp", "ggn_diagonal",
+    "clipped_grad_mean", "hvp", "ggn_diagonal", "kronecker_factors", "kfac",
     # data parallelism over devices and hosts
     "data_parallel", "distributed", "data_mesh", "data_parallel_value_and_grad",
 ]

@@ -275,13 +275,13 @@ def _epoch_scan(update):
 def _compile(model, loss, grad, optimizer, mesh, shard, axis):
     """(step, epoch), jitted: ``fit``'s update with params and optimizer state pinned to
     their layout on ``mesh`` (replicated, or sharded with ``shard``)."""
-    from jbp.train import make_grad_fn  # jbp.train imports this module
+    from jbp.train import make_grad_fn, optimizer_update  # jbp.train imports this module
 
     grad_fn = make_grad_fn(model, loss, grad)
 
     def update(params, opt_state, state, x, y, key):
         value, state, grads = grad_fn(params, state, x, y, key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = optimizer_update(optimizer, grads, opt_state, params, x, y, key)
         params = optax.apply_updates(params, updates)
         return (_constrain(params, mesh, shard, axis), _constrain(opt_state, mesh, shard, axis),
                 _constrain(state, mesh, False, axis), value)

@@ -91,11 +91,14 @@ class PerExampleRule(NamedTuple):
     Each function takes ``(params, cache, delta)``: the layer's params, its forward cache
     and ``delta``, the per-example cotangent of its output (row i is ∂ℓ_i/∂output_i), shape
     ``(B, ...)``. Only ``grads`` is required; the other two default to sums over ``grads``.
+    ``kronecker`` (optional) gives the rows of the layer's Kronecker-factored curvature
+    blocks (:mod:`jbp.kronecker`); a layer without it has none.
     """
 
     grads: Callable  # -> pytree like params, each leaf (B, *leaf.shape): ∇ℓ_i
     sq_norms: Callable | None = None  # -> (B,): Σ over the layer's params of (∂ℓ_i/∂θ)²
     sum_sq: Callable | None = None  # -> pytree like params: Σ_i (∂ℓ_i/∂θ)², element-wise
+    kronecker: Callable | None = None  # -> a jbp.kronecker.Block, or a dict of them
 
     def squared_norms(self, params, cache, delta):
         if self.sq_norms is not None:
@@ -108,6 +111,26 @@ class PerExampleRule(NamedTuple):
             return self.sum_sq(params, cache, delta)
         return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0),
                                       self.grads(params, cache, delta))
+
+
+class KroneckerBlock(NamedTuple):
+    """The rows behind one Kronecker-factored curvature block ``A ⊗ G`` of a weight matrix
+    ``M (n_in, n_out)``: ``W`` reshaped to ``(-1, n_out)``, with the bias as one more row
+    (see :mod:`jbp.kronecker`). ``a (B, T, n_in)``: what multiplies ``M`` at each of the T
+    positions that share it (a dense layer's input, a convolution's patches; a column of
+    ones for the bias); ``g (B, T, n_out)``: the delta there."""
+
+    a: jax.Array
+    g: jax.Array
+
+
+def kronecker_rows(a, delta, bias: bool) -> KroneckerBlock:
+    """The :class:`KroneckerBlock` of a layer ``z = a @ W (+ b)`` on the last axis of
+    ``a (B, ..., n_in)`` and ``delta (B, ..., n_out)``."""
+    a3, g3 = per_example_rows(a), per_example_rows(delta)
+    if bias:
+        a3 = jnp.concatenate([a3, jnp.ones(a3.shape[:-1] + (1,), a3.dtype)], axis=-1)
+    return KroneckerBlock(a3, g3)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)

@@ -37,6 +37,7 @@ from jbp.data import Dataset
 from jbp.evaluation import check_split, make_evaluate, make_evaluate_chunks
 from jbp.grads import autodiff_value_and_grad, manual_value_and_grad
 from jbp.layer import Layer, check_state
+from jbp.kfac import KFAC
 from jbp.layers.conv import Convolution
 from jbp.losses import Loss
 from jbp.masks import WithSide, rows, split_side
@@ -208,12 +209,22 @@ def _like(b, a):
 
 # ---------------------------------------------------------------------------- compiled steps
 
+def optimizer_update(optimizer, grads, opt_state, params, x, y, key):
+    """``optimizer.update``; a :class:`jbp.kfac.KFAC` also gets the batch it preconditions
+    with (``x`` a batch or a :class:`jbp.masks.WithSide`)."""
+    if isinstance(optimizer, KFAC):
+        x, side = split_side(x)
+        return optimizer.update(grads, opt_state, params, x=x, y=y, key=key, side=side)
+    return optimizer.update(grads, opt_state, params)
+
+
 def make_update(grad_fn, optimizer):
     """One optimisation step on the batch ``x[idx], y[idx]`` (pure; jit or scan it)."""
 
     def update(params, opt_state, state, x, y, idx, key):
-        value, state, grads = grad_fn(params, state, rows(x, idx), y[idx], key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        xb, yb = rows(x, idx), y[idx]
+        value, state, grads = grad_fn(params, state, xb, yb, key)
+        updates, opt_state = optimizer_update(optimizer, grads, opt_state, params, xb, yb, key)
         return optax.apply_updates(params, updates), opt_state, state, value
 
     return update

@@ -266,6 +266,19 @@ def test_adding_problem_quick(tmp_path, env):
     assert_png(tmp_path / "grad_norm.png")
 
 
+def test_second_order_quick(tmp_path, env):
+    """K-FAC, Adam and SGD each train the MLP from the same init; table and figures."""
+    results, stdout = run_quick("second_order.py", tmp_path, env)
+    optimizers = results["models"]["mlp"]["optimizers"]
+    assert set(optimizers) == {"kfac", "adam", "sgd"}
+    for s in optimizers.values():
+        assert s["ms_per_step"] > 0 and len(s["train_loss"]) == 1
+        assert s["runs"][0]["eval"][-1]["train_loss"] < s["runs"][0]["eval"][0]["train_loss"]
+    assert "steps to Adam's final loss" in stdout
+    for name in ("loss_steps", "loss_time", "accuracy"):
+        assert_png(tmp_path / f"{name}.png")
+
+
 def test_padded_sequences_quick(tmp_path, env):
     """The GRU trained masked (manual and autodiff) and unmasked: a masked model's accuracy
     is the same at both paddings; the tags are those of the task."""

@@ -95,7 +95,7 @@ from jax import lax
 from jbp import masks
 from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, cast_like, constructor,
-                       param_dtype, positive_int)
+                       kronecker_rows, param_dtype, positive_int)
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -294,7 +294,11 @@ def rule(causal: bool, block: int) -> PerExampleRule:
         del grads["k"]["b"]
         return grads
 
-    return PerExampleRule(grads)
+    def kronecker(params, cache, delta):  # one block per projection, positions expanded
+        pairs = inputs_and_deltas(params, cache, delta, causal, block)
+        return {name: kronecker_rows(a, d, bias=name != "k") for name, (a, d) in pairs.items()}
+
+    return PerExampleRule(grads, kronecker=kronecker)
 
 
 @constructor

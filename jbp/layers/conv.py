@@ -13,9 +13,9 @@ import jax.numpy as jnp
 
 from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, call_text, cast_like,
-                       constructor, param_dtype, positive_int, positive_number)
+                       constructor, kronecker_rows, param_dtype, positive_int, positive_number)
 from jbp.layers.conv_geometry import (SPATIAL, axis_names, convolve, input_grad,
-                                      kernel_grad, padding_arg, per_example_kernel_grads,
+                                      kernel_grad, padding_arg, patches, per_example_kernel_grads,
                                       per_example_sq_norms, spatial_arg, window)
 
 
@@ -139,6 +139,13 @@ def conv(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1
         a = a.astype(jnp.result_type(a.dtype, delta.dtype))
         return per_example_sq_norms(a, delta, geo, groups, use_bias=use_bias)
 
+    def kronecker(params, a, delta):  # KFC: the patches, every output position expanded
+        if groups != 1:
+            raise ValueError(f"{who}: Kronecker factors are implemented for groups=1 only "
+                             f"(a grouped convolution has one block per group)")
+        geo = geometry(tuple(a.shape[1:-1]))
+        return kronecker_rows(patches(a, geo), delta, use_bias)
+
     info = Convolution(kernel_size, stride, dilation, padding, groups)
-    return Layer(who, init, forward, backward, per_example=PerExampleRule(grads, sq_norms),
-                 info=info)
+    rule = PerExampleRule(grads, sq_norms, kronecker=kronecker)
+    return Layer(who, init, forward, backward, per_example=rule, info=info)

@@ -181,6 +181,14 @@ def pad_spatial(x, geo: Window, value=0.0):
                                                     (0, 0, 0)])
 
 
+def patches(a, geo: Window):
+    """Every output position's patch of ``a (B, *in_size, C)``: ``(B, *out_size, taps·C)``,
+    tap-major as ``W (*kernel_size, C, O).reshape(-1, O)`` has its rows (one group)."""
+    padded = pad_spatial(a, geo)
+    taps = [tap_slice(padded, geo, tap) for tap in geo.taps]
+    return jnp.stack(taps, axis=-2).reshape(*taps[0].shape[:-1], -1)
+
+
 # ---------------------------------------------------------------------------- the two gradients
 
 def _dimension_numbers(n: int):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from jbp.init import constant, normal
 from jbp.layer import (Layer, PerExampleRule, as_shape, boolean, cast_like, constructor,
-                       param_dtype, per_example_rows, positive_int, positive_number)
+                       kronecker_rows, param_dtype, per_example_rows, positive_int,
+                       positive_number)
 
 
 def _rows(a):
@@ -47,11 +48,15 @@ def _rule(use_bias: bool) -> PerExampleRule:
         s = {"W": (a1 * a1).T @ (d1 * d1)}
         return {**s, "b": jnp.sum(d1 * d1, axis=0)} if use_bias else s
 
-    return PerExampleRule(grads, sq_norms, sum_sq)
+    def kronecker(params, a, delta):
+        return kronecker_rows(a, delta, use_bias)
+
+    return PerExampleRule(grads, sq_norms, sum_sq, kronecker)
 
 
 RULE = _rule(True)
-"""∂ℓ_i/∂W = a_i δ_iᵀ (summed over example i's positions), ∂ℓ_i/∂b = δ_i."""
+"""∂ℓ_i/∂W = a_i δ_iᵀ (summed over example i's positions), ∂ℓ_i/∂b = δ_i; Kronecker rows
+``[a, 1]`` and δ at every position (KFAC-expand over a sequence's positions)."""
 
 
 @constructor
