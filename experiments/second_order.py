@@ -32,8 +32,9 @@ from jbp.io import write_json
 
 CE = jbp.losses.softmax_cross_entropy
 OPTIMIZERS = ("kfac", "adam", "sgd")
-GRIDS = {"kfac": (0.03, 0.1, 0.3), "adam": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3)}
-KFAC_SETTINGS = {"damping": 1e-2, "decay": 0.95, "inverse_every": 10, "momentum": 0.0}
+GRIDS = {"kfac": (0.1, 0.3, 1.0), "adam": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3)}
+KFAC_SETTINGS = {"damping": 1e-2, "decay": 0.95, "inverse_every": 10, "momentum": 0.0,
+                 "kl_clip": 1e-2}
 
 
 def models(quick: bool) -> dict:
@@ -61,10 +62,13 @@ def run(model, in_shape, opt, data, seed, args):
                          x_test=data.x_test.reshape(-1, *in_shape))
     common = dict(key=jax.random.key(seed + 1000), optimizer=opt, batch_size=args.batch_size,
                   progress=False)
-    jbp.fit(model, CE, params, data, epochs=1, **common)  # compile: fit reuses its steps
-    start = time.perf_counter()
-    _, history = jbp.fit(model, CE, params, data, epochs=args.epochs,
-                         **{**common, "progress": show_progress(args)})
+    try:
+        jbp.fit(model, CE, params, data, epochs=1, **common)  # compile: fit reuses its steps
+        start = time.perf_counter()
+        _, history = jbp.fit(model, CE, params, data, epochs=args.epochs,
+                             **{**common, "progress": show_progress(args)})
+    except FloatingPointError as err:  # a learning rate too large: it diverged
+        return {"eval": None, "seconds": None, "diverged": str(err).split(";")[0]}
     return {"eval": history["eval"], "seconds": time.perf_counter() - start}
 
 
@@ -97,19 +101,23 @@ def main(argv=None):
         "grids": GRIDS, "kfac": KFAC_SETTINGS, "steps": args.epochs * steps_per_epoch,
         "quick": args.quick, "seed": args.seed, "data": f"MNIST-1D ({len(data.x_train)} train)"}, "models": {}}
     for model_name, (model, in_shape) in models(args.quick).items():
-        tuned, runs = {}, {}
+        tuned, runs, tuning = {}, {}, {}
         for name in OPTIMIZERS:
             grid = GRIDS[name][:1] if args.quick else GRIDS[name]
             opts = {rate: optimizer(name, rate, model, in_shape) for rate in grid}
             first = {rate: run(model, in_shape, opt, data, args.seed, args)  # tuning: seed 0
                      for rate, opt in opts.items()}
-            finals = {rate: r["eval"][-1]["train_loss"] for rate, r in first.items()}
-            tuned[name] = min(finals, key=lambda rate: finals[rate])
+            finals = {rate: r["eval"][-1]["train_loss"] if r["eval"] else None
+                      for rate, r in first.items()}  # None: diverged
+            tuned[name] = min(finals, key=lambda rate: (finals[rate] is None, finals[rate] or 0))
+            tuning[name] = {str(rate): loss for rate, loss in finals.items()}
             runs[name] = [first[tuned[name]]] + [
                 run(model, in_shape, opts[tuned[name]], data, args.seed + s, args)
                 for s in range(1, args.seeds)]
-            print(f"{model_name} {name}: final training loss by learning rate "
-                  f"{ {k: round(v, 4) for k, v in finals.items()} } -> {tuned[name]}", flush=True)
+            shown = {k: "diverged" if v is None else round(v, 4) for k, v in finals.items()}
+            print(f"{model_name} {name}: final training loss by learning rate {shown} -> "
+                  f"{tuned[name]}", flush=True)
+        runs = {name: [r for r in rs if r["eval"]] for name, rs in runs.items()}  # finished
         adam_final = float(mean_curve(runs["adam"], "train_loss")[-1])
         summary = {}
         for name in OPTIMIZERS:
@@ -117,7 +125,8 @@ def main(argv=None):
             mean_eval = [{"step": e["step"], "train_loss": v} for e, v in
                          zip(runs[name][0]["eval"], mean_curve(runs[name], "train_loss"))]
             summary[name] = {
-                "learning_rate": tuned[name],
+                "learning_rate": tuned[name], "tuning": tuning[name],
+                "diverged_seeds": args.seeds - len(runs[name]),
                 "train_loss": [f["train_loss"] for f in finals],
                 "test_accuracy": [f["test_accuracy"] for f in finals],
                 "ms_per_step": 1e3 * float(np.mean([r["seconds"] for r in runs[name]]))

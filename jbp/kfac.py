@@ -6,7 +6,12 @@ a convolution's, each attention projection's) the update is::
     A, G ← decay·(A, G) + (1 − decay)·(this batch's factors)       (moving averages)
     A = Q_A Λ_A Q_Aᵀ,  G = Q_G Λ_G Q_Gᵀ                             (every inverse_every steps)
     P = Q_A [ (Q_Aᵀ ∇M Q_G) / (λ_A λ_Gᵀ + damping) ] Q_Gᵀ            ((A ⊗ G + damping·I)⁻¹ vec ∇M)
-    v ← momentum·v + P,  update = −learning_rate · v
+    v ← momentum·v + P,  update = −learning_rate · s · v
+
+with ``s = min(1, √(kl_clip / (learning_rate² Σ_blocks ⟨v, ∇M⟩)))``: K-FAC's KL clipping
+(Ba, Grosse & Martens, 2017), which bounds the step's predicted change of the model's
+output distribution, ``η² vᵀ F v``, so that a learning rate too large for the curvature
+(early steps, directions the damping leaves almost flat) does not blow up.
 
 The damping is added to the Kronecker product, not to each factor: in the factors'
 eigenbases ``A ⊗ G + λI`` is diagonal, so this is its exact inverse (the factored
@@ -21,7 +26,7 @@ gradient is. The factors are computed in evaluation mode (no dropout).
 """
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +54,6 @@ class KFACState(NamedTuple):
     eigen: Any  # Eigen per block, None elsewhere
     velocity: Any  # like params (the preconditioned direction's momentum)
     fallback: Any  # the fallback transformation's state
-
-
-class _Pair(NamedTuple):
-    update: Any
-    velocity: Any
 
 
 class KFAC(optax.GradientTransformationExtraArgs):
@@ -95,8 +95,8 @@ def _precondition(e: Eigen, grad_block, damping):
 
 def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
          damping: float = 1e-3, decay: float = 0.95, inverse_every: int = 10,
-         momentum: float = 0.0, kind: str = "exact", samples: int = 1,
-         fallback: optax.GradientTransformation | None = None) -> KFAC:
+         momentum: float = 0.0, kl_clip: float | None = 1e-2, kind: str = "exact",
+         samples: int = 1, fallback: optax.GradientTransformation | None = None) -> KFAC:
     """K-FAC for ``model`` and ``loss`` (see the module docstring).
 
     Args:
@@ -106,6 +106,7 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
       decay: the moving averages' weight of the old factors, in [0, 1).
       inverse_every: recompute the eigendecompositions every this many updates.
       momentum: in [0, 1); 0 for none.
+      kl_clip: the bound on ``η² vᵀ F v`` (None: no clipping).
       kind, samples: as :func:`jbp.kronecker_factors` (``"exact"``: KFLR; ``"mc"``:
         sampled targets, drawn with ``update``'s ``key``).
       fallback: the transformation of every param outside a block (default Adam at 1e-3).
@@ -128,6 +129,9 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
                                             and learning_rate > 0):
         raise ValueError(f"{who}: learning_rate must be a positive number or a schedule, got "
                          f"{learning_rate!r}")
+    if kl_clip is not None and not (isinstance(kl_clip, (int, float))
+                                    and not isinstance(kl_clip, bool) and kl_clip > 0):
+        raise ValueError(f"{who}: kl_clip must be a number > 0 or None, got {kl_clip!r}")
     inverse_every = positive_int(inverse_every, "inverse_every", who)
     if kind not in KINDS:
         raise ValueError(f"{who}: kind must be one of {KINDS}, got {kind!r}")
@@ -170,19 +174,33 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
         fallback_updates, fallback_state = fallback.update(grads, state.fallback, params)
         step = -rate(count)
 
-        def block_update(e, g, v, fb):
-            if e is None:  # not in a block: the fallback's update
-                return _Pair(fb, v)
-            v = jax.tree_util.tree_map(lambda vi, pi: momentum * vi + pi, v,
-                                       _precondition(e, g, damping))
-            return _Pair(jax.tree_util.tree_map(lambda vi: (step * vi).astype(vi.dtype), v), v)
+        def block_velocity(e, g, v):
+            if e is None:  # not in a block: the fallback's
+                return None
+            return jax.tree_util.tree_map(lambda vi, pi: momentum * vi + pi, v,
+                                          _precondition(e, g, damping))
 
-        pairs = jax.tree_util.tree_map(
-            block_update, eigen, grads, state.velocity, fallback_updates,
-            is_leaf=lambda t: t is None or isinstance(t, Eigen))
-        is_pair = lambda t: isinstance(t, _Pair)  # noqa: E731
-        updates = jax.tree_util.tree_map(lambda t: t.update, pairs, is_leaf=is_pair)
-        velocity = jax.tree_util.tree_map(lambda t: t.velocity, pairs, is_leaf=is_pair)
+        is_eigen = lambda t: t is None or isinstance(t, Eigen)  # noqa: E731
+        velocity = jax.tree_util.tree_map(block_velocity, eigen, grads, state.velocity,
+                                          is_leaf=is_eigen)
+        scale = step
+        if kl_clip is not None:  # η² Σ ⟨v, ∇⟩ over the blocks: the step's predicted KL
+            products = jax.tree_util.tree_map(
+                lambda v, g: sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(v),
+                                                                 jax.tree_util.tree_leaves(g))),
+                velocity, grads, is_leaf=lambda t: t is None)
+            kl = step * step * sum(jax.tree_util.tree_leaves(products), jnp.zeros(()))
+            scale = step * jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(kl, 1e-30)))
+
+        def block_update(v, fb):
+            if v is None:
+                return fb
+            return jax.tree_util.tree_map(lambda vi: (scale * vi).astype(vi.dtype), v)
+
+        updates = jax.tree_util.tree_map(block_update, velocity, fallback_updates,
+                                         is_leaf=lambda t: t is None)
+        velocity = jax.tree_util.tree_map(lambda v, old: old if v is None else v, velocity,
+                                          state.velocity, is_leaf=lambda t: t is None)
         return updates, KFACState(count, averaged, eigen, velocity, fallback_state)
 
     return KFAC(init, update)

@@ -132,7 +132,7 @@ def test_kfac_step_on_a_linear_gaussian_model_is_the_natural_gradient_step():
         x = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64)
         target = jax.random.normal(jax.random.key(2), (8, 2), jnp.float64)
         lr, damping = 0.5, 1e-3
-        opt = jbp.kfac(model, MSE, (3,), learning_rate=lr, damping=damping)
+        opt = jbp.kfac(model, MSE, (3,), learning_rate=lr, damping=damping, kl_clip=None)
         _, grads = jbp.manual_value_and_grad(model, MSE)(p, x, target)
         updates, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, x=x, y=target))(
             grads, opt.init(p), p)
@@ -171,6 +171,8 @@ def test_bad_input_is_named():
     for damping in (0.0, -1.0, "1e-3"):
         with pytest.raises(ValueError, match=r"kfac: damping must be a number > 0"):
             jbp.kfac(jbp.dense(2), CE, (3,), damping=damping)
+    with pytest.raises(ValueError, match=r"kfac: kl_clip must be a number > 0 or None"):
+        jbp.kfac(jbp.dense(2), CE, (3,), kl_clip=0)
     with pytest.raises(ValueError, match=r"kronecker_factors: kind must be one of"):
         jbp.kronecker_factors(jbp.dense(2), CE, kind="kflr")
     model = jbp.dense(2)

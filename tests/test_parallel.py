@@ -289,6 +289,15 @@ EIGHT = COMMON + textwrap.dedent("""
     plain = jbp.manual_value_and_grad(gru, LOSS)(gru_params, seq_x, seq_y, side=side)[1]
     out["sequences"] = {"fit": rel(got, ref), "explicit": rel(explicit, plain)}
 
+    phase("6d. K-FAC")
+    # 6d. K-FAC's factors on a mesh are those of the global batch (XLA reduces them over the
+    #     data axis, as it does the gradient), so 4 devices train one device's params
+    model, params = model_and_params("float64")
+    kfac = jbp.kfac(model, LOSS, (8,), learning_rate=0.05, damping=1e-2, inverse_every=2)
+    ref, _ = fit(model, params, data, epochs=2, optimizer=kfac)
+    got, _ = fit(model, params, data, epochs=2, optimizer=kfac, mesh=mesh_of[4])
+    out["kfac"] = rel(got, ref)
+
     phase("7. errors")
     # 7. errors, and mesh="auto"
     model, params = model_and_params("float64")
@@ -441,6 +450,10 @@ def test_batch_norm_on_a_mesh_normalises_with_the_global_batch(eight):
 def test_padded_sequences_on_a_mesh_train_as_on_one_device(eight):
     assert eight["sequences"]["fit"] <= 1e-12
     assert eight["sequences"]["explicit"] <= 1e-12
+
+
+def test_kfac_on_a_mesh_trains_as_on_one_device(eight):
+    assert eight["kfac"] <= 1e-9
 
 
 def test_indivisible_batch_and_auto_mesh(eight):
