@@ -18,7 +18,7 @@ CE, MSE = jbp.losses.softmax_cross_entropy, jbp.losses.mean_squared_error
 
 def _ggn_block(apply_M, M, out_hessian):
     """Jᵀ H J for the outputs ``apply_M(M)`` (flattened) and the Hessian of C w.r.t. them."""
-    J = jax.jacrev(apply_M)(M)
+    J = jax.jit(jax.jacrev(apply_M))(M)
     J = J.reshape(-1, M.size)
     return J.T @ out_hessian @ J
 
@@ -121,7 +121,7 @@ def test_expand_is_exact_for_a_linear_layer_shared_over_positions():
         f = jax.jit(jbp.kronecker_factors(model, MSE))(p, x, target)
         M = jnp.concatenate([p["W"], p["b"][None]])
         cost = lambda M: MSE.value(model.apply({"W": M[:4], "b": M[4]}, x), target)  # noqa: E731
-        H = jax.hessian(cost)(M).reshape(M.size, M.size)
+        H = jax.jit(jax.hessian(cost))(M).reshape(M.size, M.size)
         np.testing.assert_allclose(jnp.kron(f.A, f.G), H, rtol=0, atol=1e-12 * np.abs(H).max())
 
 
@@ -133,13 +133,13 @@ def test_kfac_step_on_a_linear_gaussian_model_is_the_natural_gradient_step():
         target = jax.random.normal(jax.random.key(2), (8, 2), jnp.float64)
         lr, damping = 0.5, 1e-3
         opt = jbp.kfac(model, MSE, (3,), learning_rate=lr, damping=damping, kl_clip=None)
-        _, grads = jbp.manual_value_and_grad(model, MSE)(p, x, target)
+        _, grads = jax.jit(jbp.manual_value_and_grad(model, MSE))(p, x, target)
         updates, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, x=x, y=target))(
             grads, opt.init(p), p)
         M = jnp.concatenate([p["W"], p["b"][None]])
         cost = lambda M: MSE.value(model.apply({"W": M[:3], "b": M[3]}, x), target)  # noqa: E731
-        fisher = jax.hessian(cost)(M).reshape(M.size, M.size)  # linear-Gaussian: F = H = GGN
-        g = jax.grad(cost)(M).reshape(-1)
+        fisher = jax.jit(jax.hessian(cost))(M).reshape(M.size, M.size)  # linear-Gaussian: F = H = GGN
+        g = jax.jit(jax.grad(cost))(M).reshape(-1)
         natural = -lr * jnp.linalg.solve(fisher + damping * jnp.eye(M.size), g)
         got = jnp.concatenate([updates["W"], updates["b"][None]]).reshape(-1)
         np.testing.assert_allclose(got, natural, rtol=1e-10)
