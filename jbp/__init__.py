@@ -27,7 +27,7 @@ from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
 from jbp.layers.branches import parallel, residual
-from jbp.layers.conv import conv
+from jbp.layers.conv import conv, conv_transpose
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
 from jbp.layers.embedding import embedding
@@ -58,7 +58,8 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
-    "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
+    "conv", "conv_transpose", "max_pool", "avg_pool", "global_avg_pool", "layer_norm",
+    "batch_norm", "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
     "cross_attention", "decoder_block", "encoder_decoder", "on_target",
