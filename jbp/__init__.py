@@ -37,13 +37,14 @@ from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
 from jbp.layers.norm import batch_norm, layer_norm
-from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
+from jbp.layers.pool import avg_pool, global_avg_pool, global_max_pool, max_pool
 from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
 from jbp.layers.seq2seq import cross_attention, decoder_block, encoder_decoder, on_target
 from jbp.layers.transformer import positional_embedding, transformer_block
+from jbp.layers.upsample import upsample
 from jbp.train import fit
 from jbp.saving import load_model, predict, register_constructor, save_model
 from jbp.model_summary import print_summary, summary
@@ -58,8 +59,8 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
-    "conv", "conv_transpose", "max_pool", "avg_pool", "global_avg_pool", "layer_norm",
-    "batch_norm", "embedding",
+    "conv", "conv_transpose", "upsample", "max_pool", "avg_pool", "global_avg_pool",
+    "global_max_pool", "layer_norm", "batch_norm", "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
     "cross_attention", "decoder_block", "encoder_decoder", "on_target",
