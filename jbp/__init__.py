@@ -36,7 +36,7 @@ from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
-from jbp.layers.norm import batch_norm, layer_norm
+from jbp.layers.norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from jbp.layers.pool import avg_pool, global_avg_pool, global_max_pool, max_pool
 from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
@@ -60,7 +60,8 @@ __all__ = [
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
     "conv", "conv_transpose", "upsample", "max_pool", "avg_pool", "global_avg_pool",
-    "global_max_pool", "layer_norm", "batch_norm", "embedding",
+    "global_max_pool", "layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm",
+    "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
     "cross_attention", "decoder_block", "encoder_decoder", "on_target",
