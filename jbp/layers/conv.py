@@ -107,6 +107,61 @@ def _bias_grad(delta, per_example=False):
     return jnp.sum(delta, axis=tuple(range(int(per_example), delta.ndim - 1)))
 
 
+def _convolution(who, init, check_input, geometry, groups, use_bias, info) -> Layer:
+    """The Layer of ``conv`` (``info.transposed`` False) or ``conv_transpose`` (True): both are
+    the bilinear pairing ⟨conv(a; W), δ⟩, read in the two directions. conv's forward is
+    ``convolve``, its ∂C/∂x ``input_grad`` and ∂C/∂W ``kernel_grad(x, δ)``; the transpose's
+    forward is ``input_grad``, its ∂C/∂x ``convolve`` and ∂C/∂W ``kernel_grad(δ, x)``: the
+    input and the delta trade places (:func:`roles`), in the per-example rule too. ``geometry``
+    maps the input's spatial size to the :class:`~jbp.layers.conv_geometry.Window` of the
+    convolution (for the transpose: of the convolution it transposes)."""
+    transposed = info.transposed
+    along, back = (input_grad, convolve) if transposed else (convolve, input_grad)
+
+    def roles(x, delta):
+        """(the convolution's input, its delta): swapped in the transpose."""
+        return (delta, x) if transposed else (x, delta)
+
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        W = params["W"]
+        check_input(x, W)
+        geo = geometry(tuple(x.shape[1:-1]))
+        dt = jnp.result_type(x.dtype, W.dtype)
+        y = along(x.astype(dt), W.astype(dt), geo, groups)
+        return (y + params["b"].astype(dt) if use_bias else y), x, state
+
+    def backward(params, x, delta):
+        W = params["W"]
+        geo = geometry(tuple(x.shape[1:-1]))
+        dt = jnp.result_type(x.dtype, W.dtype, delta.dtype)
+        delta = delta.astype(dt)
+        grads = {"W": kernel_grad(*roles(x.astype(dt), delta), geo, groups).astype(W.dtype)}
+        if use_bias:
+            grads["b"] = _bias_grad(delta).astype(params["b"].dtype)
+        dx = back(delta, W.astype(dt), geo, groups)
+        return grads, cast_like(dx, x)
+
+    def grads(params, x, delta):
+        geo = geometry(tuple(x.shape[1:-1]))
+        x = x.astype(jnp.result_type(x.dtype, delta.dtype))
+        g = {"W": per_example_kernel_grads(*roles(x, delta), geo, groups)}
+        return {**g, "b": _bias_grad(delta, per_example=True)} if use_bias else g
+
+    def sq_norms(params, x, delta):
+        geo = geometry(tuple(x.shape[1:-1]))
+        x = x.astype(jnp.result_type(x.dtype, delta.dtype))
+        # the bias term needs the output's delta, which is per_example_sq_norms' second
+        # argument only in conv
+        sq = per_example_sq_norms(*roles(x, delta), geo, groups,
+                                  use_bias=use_bias and not transposed)
+        if use_bias and transposed:
+            sq = sq + jnp.sum(_bias_grad(delta, per_example=True) ** 2, axis=1)
+        return sq
+
+    return Layer(who, init, forward, backward, per_example=PerExampleRule(grads, sq_norms),
+                 info=info)
+
+
 @constructor
 def conv(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1, groups: int = 1,
          use_bias: bool = True, gain: float = 1.0, dtype=jnp.float32) -> Layer:
@@ -149,45 +204,16 @@ def conv(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1
                          math.prod(geo.size) * c // groups, gain, use_bias, dtype, who)
         return (*geo.out_size, out_channels), params
 
-    def forward(params, x, *, key=None, train=False, state=None, side=None):
-        W = params["W"]
+    def check_input(x, W):
         _check_rank(x, W, who)
         _check_channels(x.shape[-1], who, groups)
         if x.shape[-1] != W.shape[-2] * groups:
             raise ValueError(f"{who}: expected {W.shape[-2] * groups} input channels (W has "
                              f"shape {tuple(W.shape)}, groups={groups}), got input of shape "
                              f"{tuple(x.shape)}")
-        geo = geometry(tuple(x.shape[1:-1]))
-        dt = jnp.result_type(x.dtype, W.dtype)
-        a = x
-        z = convolve(a.astype(dt), W.astype(dt), geo, groups)
-        return (z + params["b"].astype(dt) if use_bias else z), a, state
-
-    def backward(params, a, delta):
-        W = params["W"]
-        geo = geometry(tuple(a.shape[1:-1]))
-        dt = jnp.result_type(a.dtype, W.dtype, delta.dtype)
-        delta = delta.astype(dt)
-        grads = {"W": kernel_grad(a.astype(dt), delta, geo, groups).astype(W.dtype)}
-        if use_bias:
-            grads["b"] = _bias_grad(delta).astype(params["b"].dtype)
-        da = input_grad(delta, W.astype(dt), geo, groups)
-        return grads, cast_like(da, a)
-
-    def grads(params, a, delta):
-        geo = geometry(tuple(a.shape[1:-1]))
-        a = a.astype(jnp.result_type(a.dtype, delta.dtype))
-        g = {"W": per_example_kernel_grads(a, delta, geo, groups)}
-        return {**g, "b": _bias_grad(delta, per_example=True)} if use_bias else g
-
-    def sq_norms(params, a, delta):
-        geo = geometry(tuple(a.shape[1:-1]))
-        a = a.astype(jnp.result_type(a.dtype, delta.dtype))
-        return per_example_sq_norms(a, delta, geo, groups, use_bias=use_bias)
 
     info = Convolution(kernel_size, stride, dilation, padding, groups)
-    return Layer(who, init, forward, backward, per_example=PerExampleRule(grads, sq_norms),
-                 info=info)
+    return _convolution(who, init, check_input, geometry, groups, use_bias, info)
 
 
 @constructor
@@ -241,43 +267,13 @@ def conv_transpose(out_channels: int, kernel_size, *, stride=1, padding="SAME",
                          gain, use_bias, dtype, who)
         return (*geo.in_size, out_channels), params
 
-    def forward(params, x, *, key=None, train=False, state=None, side=None):
-        W = params["W"]
+    def check_input(x, W):
         _check_rank(x, W, who)
         if x.shape[-1] != W.shape[-1]:
             raise ValueError(f"{who}: expected {W.shape[-1]} input channels (W has shape "
                              f"{tuple(W.shape)}: input channels last), got input of shape "
                              f"{tuple(x.shape)}")
-        geo = geometry(tuple(x.shape[1:-1]))
-        dt = jnp.result_type(x.dtype, W.dtype)
-        y = input_grad(x.astype(dt), W.astype(dt), geo, groups)  # conv's backward, forwards
-        return (y + params["b"].astype(dt) if use_bias else y), x, state
-
-    def backward(params, x, dy):
-        W = params["W"]
-        geo = geometry(tuple(x.shape[1:-1]))
-        dt = jnp.result_type(x.dtype, W.dtype, dy.dtype)
-        dy = dy.astype(dt)
-        grads = {"W": kernel_grad(dy, x.astype(dt), geo, groups).astype(W.dtype)}
-        if use_bias:
-            grads["b"] = _bias_grad(dy).astype(params["b"].dtype)
-        dx = convolve(dy, W.astype(dt), geo, groups)  # the adjoint of the adjoint: conv
-        return grads, cast_like(dx, x)
-
-    def grads(params, x, delta):
-        geo = geometry(tuple(x.shape[1:-1]))
-        x = x.astype(jnp.result_type(x.dtype, delta.dtype))
-        g = {"W": per_example_kernel_grads(delta, x, geo, groups)}
-        return {**g, "b": _bias_grad(delta, per_example=True)} if use_bias else g
-
-    def sq_norms(params, x, delta):
-        geo = geometry(tuple(x.shape[1:-1]))
-        x = x.astype(jnp.result_type(x.dtype, delta.dtype))
-        sq_w = per_example_sq_norms(delta, x, geo, groups, use_bias=False)
-        return sq_w + jnp.sum(_bias_grad(delta, per_example=True) ** 2, axis=1) if use_bias \
-            else sq_w
 
     info = Convolution(kernel_size, stride, dilation, padding, groups, transposed=True,
                        output_padding=output_padding)
-    return Layer(who, init, forward, backward, per_example=PerExampleRule(grads, sq_norms),
-                 info=info)
+    return _convolution(who, init, check_input, geometry, groups, use_bias, info)
