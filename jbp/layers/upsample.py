@@ -54,7 +54,9 @@ def _neighbour_backward(g, axis: int, step: int):
     n = g.shape[axis]
     if n == 1:
         return g
-    row = lambda start, stop: lax.slice_in_dim(g, start, stop, axis=axis)  # noqa: E731
+    def row(start, stop):
+        return lax.slice_in_dim(g, start, stop, axis=axis)
+
     zero = jnp.zeros_like(row(0, 1))
     if step > 0:
         return jnp.concatenate([zero, row(0, n - 2), row(n - 2, n - 1) + row(n - 1, n)], axis=axis)
