@@ -27,7 +27,7 @@ from jbp.check import (GradComparison, compare_grads, finite_difference_grad,
 from jbp.check_layer import LayerReport, check_layer
 from jbp.curvature import ggn_diagonal, hvp
 from jbp.layers.branches import parallel, residual
-from jbp.layers.conv import conv
+from jbp.layers.conv import conv, conv_transpose
 from jbp.layers.dense import dense
 from jbp.layers.dropout import dropout
 from jbp.layers.embedding import embedding
@@ -38,14 +38,15 @@ from jbp.kronecker import kronecker_factors
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
-from jbp.layers.norm import batch_norm, layer_norm
-from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
+from jbp.layers.norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from jbp.layers.pool import avg_pool, global_avg_pool, global_max_pool, max_pool
 from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
 from jbp.per_example import (clipped_grad_mean, per_example_grad_norms, per_example_grad_variance,
                              per_example_grads)
 from jbp.layers.serial import mlp, serial
 from jbp.layers.seq2seq import cross_attention, decoder_block, encoder_decoder, on_target
 from jbp.layers.transformer import positional_embedding, transformer_block
+from jbp.layers.upsample import upsample
 from jbp.train import fit
 from jbp.saving import load_model, predict, register_constructor, save_model
 from jbp.model_summary import print_summary, summary
@@ -60,7 +61,9 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
-    "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
+    "conv", "conv_transpose", "upsample", "max_pool", "avg_pool", "global_avg_pool",
+    "global_max_pool", "layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm",
+    "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
     "cross_attention", "decoder_block", "encoder_decoder", "on_target",

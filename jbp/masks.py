@@ -6,7 +6,7 @@ real. They receive that as a **side input**: a dict passed as ``side=`` to the m
 (``model.apply``, the gradient functions, the per-example functions, ``fit``, ...), which
 the composites hand to every child that declares it reads one of its names
 (``Layer.side_inputs``), the way they thread ``state``. Layers that treat every position on
-its own (dense, activations, layer_norm, embedding) never see it. The names:
+its own (dense, activations, layer_norm, rms_norm, embedding) never see it. The names:
 
 - ``"lengths"`` ``(B,)`` integers: example i's real positions are ``0 … lengths[i] − 1``,
   padding after them (what :func:`jbp.data.pad_sequences` gives). The recurrent layers stop
@@ -25,7 +25,10 @@ every position padding (recurrent: the initial state, zero outputs; attention: a
 with no key gives zeros), a length > T leaves none.
 
 Side inputs describe the model's input positions: a layer that changes the number of
-positions (a strided convolution, pooling) makes them wrong for the layers after it.
+positions (a strided convolution, pooling, conv_transpose, upsample) makes them wrong for
+the layers after it. The layers that mix positions without reading a side input
+(convolutions, the pools, batch_norm, group_norm and instance_norm) count padding as
+positions like any other.
 """
 
 from collections.abc import Mapping

@@ -179,7 +179,7 @@ def test_data_parallel_quick(tmp_path, env):
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
                                   "vanishing_gradients", "per_example", "dp_sgd",
                                   "data_parallel", "attention_memory", "adding_problem",
-                                  "char_lm", "padded_sequences"])
+                                  "char_lm", "padded_sequences", "denoise_unet"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -302,6 +302,20 @@ def test_padded_sequences_quick(tmp_path, env):
     assert x[0, 30] == script.BOS and (x[0, 31:30 + n] == digits[0][::-1][:-1]).all()
     assert (labels[0, :n] == digits[0][::-1]).all() and (labels[0, n:] == -100).all()
     assert side["lengths"][0] == side["source_lengths"][0] == n
+
+
+def test_denoise_unet_quick(tmp_path, env):
+    """One decoder, one epoch of a one-level U-Net: the two gradients agree at init and
+    along the run, and the noise drawn offline has the variance asked for."""
+    results, stdout = run_quick("denoise_unet.py", tmp_path, env)
+    (run,) = results["runs"]
+    assert run["decoder"] == "conv_transpose" and run["init_grads_agree"]
+    assert run["init_grad_rel_error"] < 1e-5 and run["loss_diff_max"] < 1e-4
+    assert run["manual"]["test_mse"] == pytest.approx(run["autodiff"]["test_mse"], rel=1e-4)
+    assert len(run["manual"]["test_mse_per_epoch"]) == results["config"]["epochs"] + 1
+    assert results["noisy_test_mse"] == pytest.approx(results["config"]["noise"] ** 2, rel=0.2)
+    assert "conv_transpose" in stdout and "autodiff" in stdout
+    assert_png(tmp_path / "denoise_unet.png")
 
 
 def test_adding_problem_data():

@@ -166,6 +166,58 @@ def window(in_size, size, stride, dilation, padding, who: str, what: str = "kern
     return Window(size, stride, dilation, pads, tuple(in_size), tuple(out_size), tuple(unused))
 
 
+def transposed_window(in_size, size, stride, dilation, padding, output_padding,
+                      who: str) -> Window:
+    """The :class:`Window` of the convolution whose input gradient a transposed convolution
+    of an ``in_size`` input is: its ``out_size`` is ``in_size``, its ``in_size`` the
+    transposed convolution's output size, per spatial axis (span K = d·(k − 1) + 1)::
+
+        out = (n − 1)·s + K − lo − hi + output_padding
+
+    With ``padding`` ``p`` (an int: both sides; pairs ``(lo, hi)``) that is PyTorch's
+    ``ConvTranspose`` rule, ``(n − 1)·s − 2p + d·(k − 1) + output_padding + 1``;
+    ``"SAME"`` gives ``n·s`` and ``"VALID"`` ``n·s + max(K − s, 0)``, as
+    ``jax.lax.conv_transpose``. The output padding rows at the back and rows no window of
+    the convolution reads come out as a padding ``hi`` less that much, possibly negative
+    (``lax`` then crops): so ``unused`` is 0 and the convolution of an ``out`` input gives
+    exactly ``n`` rows, which is what its backward needs. ``output_padding`` must be
+    smaller than the stride or the dilation (PyTorch's rule; otherwise it adds rows that no
+    tap reaches), and goes with numeric padding only.
+    """
+    n = len(in_size)
+    size, stride, dilation, extra = (per_axis(v, n, w, who) for v, w in (
+        (size, "kernel size"), (stride, "stride"), (dilation, "dilation"),
+        (output_padding, "output_padding")))
+    if padding in PADDINGS and any(extra):
+        raise ValueError(f"{who}: output_padding goes with padding given as numbers (PyTorch's "
+                         f"rule); with {padding!r} the output size is fixed by the stride")
+    given = (per_axis(padding, n, "padding", who) if isinstance(padding, tuple)
+             else ((padding, padding),) * n)
+    pads, out_size = [], []
+    for axis, (m, k, s, d, op) in enumerate(zip(in_size, size, stride, dilation, extra)):
+        span = d * (k - 1) + 1
+        if op >= max(s, d):
+            raise ValueError(f"{who}: output_padding ({op}) along {SPATIAL[n][axis]} must be "
+                             f"smaller than the stride ({s}) or the dilation ({d})")
+        if padding == "SAME":  # out = n·s: the convolution's "SAME" of an n·s input
+            total = span - s
+            lo, hi = (total // 2, total - total // 2) if total >= 0 else (0, total)
+        elif padding == "VALID":
+            lo, hi = 0, min(span - s, 0)
+        else:
+            lo, hi = given[axis]
+            hi -= op
+        length = (m - 1) * s + span - lo - hi
+        if length < 1:
+            raise ValueError(f"{who}: the padding ({lo}, {hi + op}) along {SPATIAL[n][axis]} "
+                             f"leaves no output: ({m} − 1)·{s} + {span} − {lo} − {hi + op}"
+                             f"{f' + {op}' if op else ''} = {length} rows")
+        pads.append((lo, hi))
+        out_size.append(length)
+    return Window(size, stride, dilation, tuple(pads), tuple(out_size), tuple(in_size),
+                  (0,) * n)
+
+
 def tap_slice(x_padded, geo: Window, tap):
     """What kernel tap ``j`` reads at every output position: rows ``o·s + j·d`` of the
     padded input, ``(B, *in_padded, C) -> (B, *out_size, C)`` (a strided slice)."""

@@ -1,9 +1,13 @@
 """Normalisation: ``y = scale · (x − μ)/√(σ² + eps) + offset``.
 
-``layer_norm`` takes μ and σ² over the last axis of each row; ``batch_norm`` per channel
-(the last axis) over the batch and every position, and keeps running statistics as state
-(see :func:`batch_norm` and docs/state.md). The rest of this docstring is layer_norm's;
-batch_norm's backward is the same formula with the means taken over the batch.
+``layer_norm`` takes μ and σ² over the last axis of each row (``rms_norm`` no μ, σ² the
+mean square, no offset); ``group_norm`` per example over every position and a group of
+channels (``instance_norm``: one channel a group); ``batch_norm`` per channel (the last
+axis) over the batch and every position, and keeps running statistics as state (see
+:func:`batch_norm` and docs/state.md). All share :func:`normalise` and
+:func:`normalise_backward`, over their own axes. The rest of this docstring is
+layer_norm's; the others' backward is the same formula with the means taken over their
+axes (rms_norm's without the mean term).
 
 Lecture map: a layer whose output mixes the features of one position, so the backward is
 the lecture's "Σ over everything a neuron feeds" *inside* one layer: each ``x_k`` feeds
@@ -31,19 +35,30 @@ import jax
 import jax.numpy as jnp
 
 from jbp.init import constant
-from jbp.layer import (Layer, PerExampleRule, as_shape, cast_like, constructor, param_dtype,
-                       per_example_rows)
+from jbp.layer import (EXAMPLEWISE, Layer, PerExampleRule, as_shape, boolean, call_text,
+                       cast_like, constructor, param_dtype, per_example_rows, positive_int)
 
 
-def _grads(params, cache, delta):
-    x_hat, _ = cache
-    x3, d3 = per_example_rows(x_hat), per_example_rows(delta)
-    return {"scale": jnp.sum(d3 * x3, axis=1), "offset": jnp.sum(d3, axis=1)}
+AFFINE = ("scale", "offset")
 
 
-RULE = PerExampleRule(_grads)
+def _affine_rule(keys=AFFINE) -> PerExampleRule:
+    """∂ℓ_i/∂scale = Σ_t δ_it·x̂_it, ∂ℓ_i/∂offset = Σ_t δ_it (t: example i's positions), for
+    the params in ``keys``."""
+
+    def grads(params, cache, delta):
+        x_hat, _ = cache
+        x3, d3 = per_example_rows(x_hat), per_example_rows(delta)
+        g = {"scale": jnp.sum(d3 * x3, axis=1)} if "scale" in keys else {}
+        return {**g, "offset": jnp.sum(d3, axis=1)} if "offset" in keys else g
+
+    return PerExampleRule(grads)
+
+
+RULE = _affine_rule()
 """∂ℓ_i/∂scale = Σ_t δ_it·x̂_it, ∂ℓ_i/∂offset = Σ_t δ_it (t: example i's positions); the
 norms and sums of squares default to sums over these (B, n) arrays, which are small."""
+_grads = RULE.grads
 
 
 def check_eps(eps, who: str) -> None:
@@ -53,19 +68,88 @@ def check_eps(eps, who: str) -> None:
                          f"finite for a constant input), got {eps!r}")
 
 
-def _scale_and_offset(who: str, dtype):
-    """The ``init`` of a normalisation over the last axis: scale ones, offset zeros, (n,)."""
+def _scale_and_offset(who: str, dtype, keys=AFFINE, check=None):
+    """The ``init`` of a normalisation over the last axis: scale ones, offset zeros, (n,),
+    those of ``keys``; ``check(n)`` vets the width."""
 
     def init(key, in_shape):
         shape = as_shape(in_shape, who, min_ndim=1, layout="(..., features)")
         n, dt = shape[-1], param_dtype(dtype, who)
-        return shape, {"scale": constant(1, (n,), dt), "offset": constant(0, (n,), dt)}
+        if check is not None:
+            check(n)
+        start = {"scale": 1, "offset": 0}
+        return shape, {k: constant(start[k], (n,), dt) for k in keys}
 
     return init
 
 
+def normalise(x, axes, eps, center: bool = True):
+    """``(x̂, r)`` over ``axes`` of ``x`` (kept, of length 1): ``r = 1/√(σ² + eps)`` and
+    ``x̂ = (x − μ)·r``, σ² the mean of squared deviations (two passes); ``center=False``:
+    no μ, σ² the mean square (RMSNorm)."""
+    d = x - jnp.mean(x, axis=axes, keepdims=True) if center else x
+    var = jnp.mean(d * d, axis=axes, keepdims=True)
+    r = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+    return d * r, r
+
+
+def normalise_backward(g, x_hat, r, axes, center: bool = True):
+    """∂C/∂x from ``g = ∂C/∂x̂``: the three-term formula ``r·(g − mean g − x̂·mean(g·x̂))``,
+    means over ``axes``; ``center=False`` (no μ in the forward): ``r·(g − x̂·mean(g·x̂))``."""
+    mean_gx = jnp.mean(g * x_hat, axis=axes, keepdims=True)
+    if not center:
+        return r * (g - x_hat * mean_gx)
+    return r * (g - jnp.mean(g, axis=axes, keepdims=True) - x_hat * mean_gx)
+
+
+def _affine(params, x_hat):
+    """``scale · x̂ + offset``, with those of the two that ``params`` holds."""
+    y = params["scale"] * x_hat if "scale" in params else x_hat
+    return y + params["offset"] if "offset" in params else y
+
+
+def _affine_backward(params, x_hat, dy):
+    """``(dparams, g)``: ∂C/∂scale = Σ dy·x̂ and ∂C/∂offset = Σ dy over every leading axis
+    (those ``params`` holds), and ``g = ∂C/∂x̂ = scale · dy``."""
+    grads, n = {}, dy.shape[-1]
+    if "scale" in params:
+        grads["scale"] = jnp.sum((dy * x_hat).reshape(-1, n), axis=0).astype(params["scale"].dtype)
+    if "offset" in params:
+        grads["offset"] = jnp.sum(dy.reshape(-1, n), axis=0).astype(params["offset"].dtype)
+    return grads, (params["scale"] * dy if "scale" in params else dy)
+
+
+def _check_width(who, params, x, batched=False):
+    """The input's last axis against the params' width (a layer without params takes any)."""
+    widths = [v.shape[0] for v in params.values()]
+    lead = "batch, ..., " if batched else "..., "
+    if x.ndim < 1 + batched or (widths and x.shape[-1] != widths[0]):
+        n = widths[0] if widths else "n"
+        raise ValueError(f"{who}: expected input of shape ({lead}{n}) (the last axis is "
+                         f"normalised; the params have {n} features), got {tuple(x.shape)}")
+
+
+def _last_axis_norm(who: str, center: bool, keys, eps, dtype) -> Layer:
+    """layer_norm and rms_norm: the statistics of every row (the last axis)."""
+    check_eps(eps, who)
+
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        _check_width(who, params, x)
+        x_hat, r = normalise(x, -1, eps, center)
+        return _affine(params, x_hat), (x_hat, r), state
+
+    def backward(params, cache, dy):
+        x_hat, r = cache
+        grads, g = _affine_backward(params, x_hat, dy)
+        return grads, cast_like(normalise_backward(g, x_hat, r, -1, center), x_hat)
+
+    return Layer(who, _scale_and_offset(who, dtype, keys), forward, backward,
+                 per_example=_affine_rule(keys) if keys else EXAMPLEWISE)
+
+
 @constructor
-def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
+def layer_norm(*, scale: bool = True, offset: bool = True, eps: float = 1e-5,
+               dtype=jnp.float32) -> Layer:
     """Layer normalisation over the last axis, with a learnable scale and offset.
 
     Forward, for one row ``x`` of ``n`` features (every leading axis is a row)::
@@ -101,43 +185,111 @@ def layer_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
     offset``, and ``dx = r (g − mean(g))`` with ``r = 1/√eps``; ``eps > 0`` keeps it finite.
 
     Args:
+      scale: False leaves ``scale`` out (y = x̂ + offset; g = dy).
+      offset: False leaves ``offset`` out (what to write before a layer with a bias).
       eps: added to the variance, a positive number.
       dtype: of the params.
 
-    Params ``{"scale": (n,), "offset": (n,)}``; ``x (..., n) -> y (..., n)`` in the dtype of
-    ``x`` and the params promoted (as dense); ``dx`` in ``x``'s dtype, the parameter
-    gradients in the params'.
+    Params ``{"scale": (n,), "offset": (n,)}`` (those switched on; ``{}`` for neither, and
+    the layer then takes any width); ``x (..., n) -> y (..., n)`` in the dtype of ``x``
+    and the params promoted (as dense); ``dx`` in ``x``'s dtype, the parameter gradients in
+    the params'.
     """
-    check_eps(eps, "layer_norm")
-    who = "layer_norm"
-    init = _scale_and_offset(who, dtype)
+    keys = tuple(k for k, on in zip(AFFINE, (boolean(scale, "scale", "layer_norm"),
+                                             boolean(offset, "offset", "layer_norm"))) if on)
+    return _last_axis_norm("layer_norm", True, keys, eps, dtype)
+
+
+@constructor
+def rms_norm(*, eps: float = 1e-6, dtype=jnp.float32) -> Layer:
+    """RMS normalisation over the last axis (Zhang & Sennrich 2019; the norm of LLaMA and
+    most recent transformers): ``y = scale · x / √(mean(x²) + eps)``, no mean taken out and
+    no offset.
+
+    Backward: layer_norm's derivation without μ (``∂d_j/∂x_k = δ_jk``): with
+    ``r = 1/√(mean(x²) + eps)``, ``x̂ = x·r`` and ``g = scale · dy``,
+    ``∂x̂_j/∂x_k = r (δ_jk − x̂_j x̂_k / n)``, so the formula loses its mean term::
+
+        dx = r · (g − x̂ · mean(g · x̂))          ∂C/∂scale = Σ dy · x̂
+
+    Args:
+      eps: added to the mean square, a positive number.
+      dtype: of the params.
+
+    Params ``{"scale": (n,)}`` (ones); ``x (..., n) -> y (..., n)``; cache ``(x̂, r)``.
+    Per example: ∂ℓ_i/∂scale = Σ over example i's positions of δ·x̂.
+    """
+    return _last_axis_norm("rms_norm", False, ("scale",), eps, dtype)
+
+
+def _group_norm(who: str, groups, eps, dtype) -> Layer:
+    """group_norm (``groups`` an int) and instance_norm (None: one group per channel)."""
+    check_eps(eps, who)
+
+    def check(c):
+        if c % (groups or c):
+            raise ValueError(f"{who}: the input's {c} channels must be divisible by "
+                             f"groups={groups}")
+
+    def grouped(a):  # (B, ..., C) -> (B, positions, G, C/G)
+        c = a.shape[-1]
+        return a.reshape(a.shape[0], -1, groups or c, c // (groups or c))
 
     def forward(params, x, *, key=None, train=False, state=None, side=None):
-        n = params["scale"].shape[0]
-        if x.ndim < 1 or x.shape[-1] != n:
-            raise ValueError(f"{who}: expected input of shape (..., {n}) (the last axis is "
-                             f"normalised; the params have {n} features), got {tuple(x.shape)}")
-        mu = jnp.mean(x, axis=-1, keepdims=True)
-        d = x - mu
-        var = jnp.mean(d * d, axis=-1, keepdims=True)
-        r = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-        x_hat = d * r
-        y = params["scale"] * x_hat + params["offset"]
-        return y, (x_hat, r), state
+        _check_width(who, params, x, batched=True)
+        check(x.shape[-1])
+        x_hat, r = normalise(grouped(x), (1, 3), eps)
+        x_hat = x_hat.reshape(x.shape)
+        return _affine(params, x_hat), (x_hat, r), state
 
     def backward(params, cache, dy):
         x_hat, r = cache
-        scale, offset = params["scale"], params["offset"]
-        dscale = jnp.sum((dy * x_hat).reshape(-1, dy.shape[-1]), axis=0)
-        doffset = jnp.sum(dy.reshape(-1, dy.shape[-1]), axis=0)
-        g = scale * dy                                               # ∂C/∂x̂
-        mean_g = jnp.mean(g, axis=-1, keepdims=True)
-        mean_gx = jnp.mean(g * x_hat, axis=-1, keepdims=True)
-        dx = r * (g - mean_g - x_hat * mean_gx)                      # the three-term formula
-        return ({"scale": dscale.astype(scale.dtype), "offset": doffset.astype(offset.dtype)},
-                cast_like(dx, x_hat))
+        grads, g = _affine_backward(params, x_hat, dy)
+        dx = normalise_backward(grouped(g), grouped(x_hat), r, (1, 3)).reshape(dy.shape)
+        return grads, cast_like(dx, x_hat)
 
-    return Layer(who, init, forward, backward, per_example=RULE)
+    return Layer(who, _scale_and_offset(who, dtype, check=check), forward, backward,
+                 per_example=RULE)
+
+
+@constructor
+def group_norm(groups: int, *, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
+    """Group normalisation (Wu & He 2018), channels last: the C channels in ``groups``
+    groups of C/G, each example normalised per group over every position and the group's
+    channels; a learnable scale and offset per channel.
+
+    With the statistics of a group of m = positions · C/G values of one example, forward
+    and backward are layer_norm's (the three-term formula, means over the group)::
+
+        x̂ = (x − μ_g)·r_g,  y = scale · x̂ + offset
+        dx = r_g · (g − mean_g(g) − x̂ · mean_g(g · x̂)),  g = scale · dy
+
+    ``groups = 1``: layer_norm over positions and channels together (with a per-channel
+    scale); ``groups = C``: :func:`instance_norm`. Unlike batch norm, nothing mixes the
+    examples: no state, the same in training and evaluation, any batch size.
+
+    Args:
+      groups: G, dividing the input's channels.
+      eps: added to the variance, a positive number.
+      dtype: of the params.
+
+    Params ``{"scale": (C,), "offset": (C,)}``; ``x (B, ..., C) -> y`` of its shape (the
+    axes between batch and channels are positions: none, W, or H and W); cache ``(x̂, r)``.
+    Per example: ∂ℓ_i/∂scale = Σ over example i's positions of δ·x̂, ∂ℓ_i/∂offset = Σ δ.
+    Padding positions of a padded batch count in the statistics (it reads no ``lengths``).
+    """
+    groups = positive_int(groups, "groups", "group_norm")
+    return _group_norm(call_text(group_norm, groups, eps=eps), groups, eps, dtype)
+
+
+@constructor
+def instance_norm(*, eps: float = 1e-5, dtype=jnp.float32) -> Layer:
+    """Instance normalisation (Ulyanov et al. 2016): :func:`group_norm` with one group per
+    channel, each channel of each example normalised over its positions.
+
+    Params ``{"scale": (C,), "offset": (C,)}``; ``x (B, ..., C) -> y`` of its shape.
+    """
+    return _group_norm("instance_norm", None, eps, dtype)
 
 
 # ---------------------------------------------------------------------------- batch norm
@@ -254,7 +406,7 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=jnp.float32) -
         dscale, doffset = jnp.sum(dy * x_hat, axis=axes), jnp.sum(dy, axis=axes)
         g = scale * dy                                               # ∂C/∂x̂
         if isinstance(cache, BatchStats):                            # the three-term formula
-            dx = r * (g - jnp.mean(g, axis=axes) - x_hat * jnp.mean(g * x_hat, axis=axes))
+            dx = normalise_backward(g, x_hat, r, axes)
         else:
             dx = r * g
         return ({"scale": dscale.astype(scale.dtype), "offset": doffset.astype(offset.dtype)},

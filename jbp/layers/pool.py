@@ -1,8 +1,8 @@
 """Pooling, channels last, 1-D ``(B, W, C)`` or 2-D ``(B, H, W, C)``; backward by hand.
 
 Lecture map. A pooling layer has no weights: every output is the maximum (``max_pool``) or
-the mean (``avg_pool``) of one window of one channel, and ``global_avg_pool`` takes the
-mean over all positions. So its backward only routes the delta back to the inputs each
+the mean (``avg_pool``) of one window of one channel, and ``global_avg_pool`` and
+``global_max_pool`` take the mean and the maximum over all positions. So its backward only routes the delta back to the inputs each
 window read (the hidden-layer case with σ′ replaced by "which input made the output"):
 
 - max pool: ∂y/∂x is 1 at the window's arg-max and 0 elsewhere, so each delta goes to the
@@ -10,7 +10,8 @@ window read (the hidden-layer case with σ′ replaced by "which input made the 
   the deltas of every window it won;
 - avg pool: ∂y/∂x = 1/count for every input in the window, so each window spreads
   delta/count evenly over what it read;
-- global avg pool: every input receives delta / (number of positions).
+- global avg pool: every input receives delta / (number of positions);
+- global max pool: the delta goes to the channel's maximum (shared equally among ties).
 
 How the backward is written. Tap ``j`` of a window (one position inside it) reads a strided
 slice of the padded input: rows ``o·s + j`` for every output position o. The backward of
@@ -32,7 +33,8 @@ counted (TensorFlow's ``avg_pool``; PyTorch's ``count_include_pad=False``), so a
 image stays constant at the borders. With "VALID" padding every divisor is the window size.
 
 Shapes: ``x (B, *in_size, C)``; ``max_pool``/``avg_pool`` give ``(B, *out_size, C)``,
-``global_avg_pool`` gives ``(B, C)``. Cache: ``x`` (max pool: to find the arg-max again),
+``global_avg_pool`` and ``global_max_pool`` give ``(B, C)``. Cache: ``x`` (the max pools: to
+find the arg-max again),
 nothing but static shapes for the averages. Integer input (raw images) is pooled as floats.
 Every pooling layer keeps the examples of a batch apart (``EXAMPLEWISE``).
 """
@@ -196,13 +198,8 @@ def avg_pool(window, stride=None, padding="VALID") -> Layer:
     return _pool_layer("avg_pool", window, stride, padding)
 
 
-@constructor
-def global_avg_pool() -> Layer:
-    """The mean over every spatial position: ``x (B, *in_size, C) -> y (B, C)``; no params.
-
-    Backward: each of the P = prod(in_size) inputs of a channel receives delta / P.
-    """
-    who = "global_avg_pool"
+def _global_init(who: str):
+    """The ``init`` of a pooling over every position: ``(..., C) -> (C,)``, no params."""
 
     def init(key, in_shape):
         shape = as_shape(in_shape, who)
@@ -211,16 +208,61 @@ def global_avg_pool() -> Layer:
                              f"spatial axis, e.g. (W, C) or (H, W, C); got {shape}")
         return shape[-1:], {}
 
+    return init
+
+
+def _global_input(x, who: str):
+    """``x`` as floats, and the axes of its positions; an error unless it has one."""
+    if x.ndim < 3:
+        raise ValueError(f"{who}: expects input (batch, ..., C) with at least one spatial "
+                         f"axis, got shape {tuple(x.shape)}")
+    return _floating(x), tuple(range(1, x.ndim - 1))
+
+
+@constructor
+def global_avg_pool() -> Layer:
+    """The mean over every spatial position: ``x (B, *in_size, C) -> y (B, C)``; no params.
+
+    Backward: each of the P = prod(in_size) inputs of a channel receives delta / P.
+    """
+    who = "global_avg_pool"
+
     def forward(params, x, *, key=None, train=False, state=None, side=None):
-        if x.ndim < 3:
-            raise ValueError(f"{who}: expects input (batch, ..., C) with at least one spatial "
-                             f"axis, got shape {tuple(x.shape)}")
-        x = _floating(x)
-        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), tuple(x.shape), state
+        x, axes = _global_input(x, who)
+        return jnp.mean(x, axis=axes), tuple(x.shape), state
 
     def backward(params, shape, dy):
         positions = math.prod(shape[1:-1])
         g = (dy / positions).reshape(shape[0], *(1,) * (len(shape) - 2), shape[-1])
         return {}, jnp.broadcast_to(g, shape)  # in dy's dtype, the (floating) input's
 
-    return Layer(who, init, forward, backward, per_example=EXAMPLEWISE)
+    return Layer(who, _global_init(who), forward, backward, per_example=EXAMPLEWISE)
+
+
+@constructor
+def global_max_pool() -> Layer:
+    """The maximum over every spatial position: ``x (B, *in_size, C) -> y (B, C)``; no params.
+
+    Backward: each channel's delta goes to the inputs that hold its maximum. **Ties share
+    it equally**, as ``jax.grad`` of ``jnp.max`` does (and ``jbp.maxout``): with m inputs
+    equal to the maximum, each receives delta / m (an all-zero channel after a ReLU spreads
+    it over every position). ``max_pool`` instead routes a window's delta to its first
+    maximum, as ``jax.grad`` of ``lax.reduce_window`` does. The formula is ``jax.grad``'s,
+    ``dy / count · [x = max]``, so a channel whose maximum is NaN (equal to no input) gets
+    what ``jax.grad`` gives it, eagerly and under ``jit``. Cache: ``x`` (the maximum is found
+    again).
+    """
+    who = "global_max_pool"
+
+    def forward(params, x, *, key=None, train=False, state=None, side=None):
+        x, axes = _global_input(x, who)
+        return jnp.max(x, axis=axes), x, state
+
+    def backward(params, x, dy):
+        axes = tuple(range(1, x.ndim - 1))
+        at_max = x == jnp.max(x, axis=axes, keepdims=True)
+        count = jnp.sum(at_max, axis=axes, keepdims=True).astype(dy.dtype)
+        shape = (dy.shape[0], *(1,) * len(axes), dy.shape[-1])
+        return {}, dy.reshape(shape) / count * at_max.astype(dy.dtype)
+
+    return Layer(who, _global_init(who), forward, backward, per_example=EXAMPLEWISE)
