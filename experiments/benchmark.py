@@ -22,7 +22,10 @@ points come in four families (``--models``, all by default):
   convolutions of 32 channels, kernel 5, ReLU, global average pool, dense head; input
   (40, 1), batch 100), and ``cnn2d``, a 2-D CNN on 32×32×3 input, batch 128: two 3×3
   convolutions of 64 channels with ReLU, 2×2 max pool, two more, 2×2 max pool, flatten,
-  dense head. Their FLOPs are **XLA's** (``compiled.cost_analysis()["flops"]``): the
+  dense head; ``unet1d``, the denoising U-Net of ``experiments/denoise_unet.py`` (width
+  16, two levels: conv, ``group_norm``, max pool, ``conv_transpose``, ``parallel`` skips)
+  on MNIST-1D's (40, 1), global average pool and a dense head, batch 100: the decoder
+  layers' point. Their FLOPs are **XLA's** (``compiled.cost_analysis()["flops"]``): the
   forward's for the forward, the compiled *autodiff* gradient's for a gradient or step
   (the same figure for both paths, so GFLOP/s compare as the times do). XLA counts the
   convolution taps that meet real input (not "SAME" padding) and element-wise work, so
@@ -83,7 +86,8 @@ GRID = {"batch": (64, 1024), "width": (128, 512, 2048), "depth": (2, 4),
 QUICK_GRID = {"batch": (8, 32), "width": (16,), "depth": (1,), "activation": ("relu",)}
 # name -> batch, channels per convolution, per-example input shape
 CNNS = {"cnn1d": {"batch": 100, "channels": 32, "in_shape": (40, 1)},
-        "cnn2d": {"batch": 128, "channels": 64, "in_shape": (32, 32, 3)}}
+        "cnn2d": {"batch": 128, "channels": 64, "in_shape": (32, 32, 3)},
+        "unet1d": {"batch": 100, "channels": 16, "in_shape": (40, 1)}}
 # --quick: one tiny CNN (compiling its five functions costs seconds, whatever its size)
 QUICK_CNNS = {"cnn2d": {"batch": 4, "channels": 4, "in_shape": (8, 8, 3)}}
 # sequence classifiers: a recurrent layer's last state -> dense(10)
@@ -212,13 +216,13 @@ def mlp_spec(batch, width, depth, activation) -> Spec:
              bench.mlp_step_flops(batch, sizes, input_grad=True)["step"] / flops["step"])})
 
 
-def _mnist1d_build():
-    """``build`` of experiments/mnist1d_models.py, loaded from beside this script."""
-    path = Path(__file__).resolve().with_name("mnist1d_models.py")
-    spec = importlib.util.spec_from_file_location("mnist1d_models", path)
+def _sibling(name: str):
+    """The experiment script ``name``.py beside this one, as a module."""
+    path = Path(__file__).resolve().with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build
+    return module
 
 
 def cnn2d(channels: int) -> jbp.Layer:
@@ -233,12 +237,15 @@ def cnn_spec(name, batch, channels, in_shape) -> Spec:
     1, "SAME": every input position, kernel taps × channels in, channels out)."""
     in_shape = tuple(in_shape)
     if name == "cnn1d":
-        model, shape = _mnist1d_build()("cnn", channels)
+        model, shape = _sibling("mnist1d_models").build("cnn", channels)
         if tuple(shape) != in_shape:
             raise ValueError(f"cnn1d: mnist1d_models builds input {shape}, not {in_shape}")
         taps = 5
     elif name == "cnn2d":
         model, taps = cnn2d(channels), 3 * 3
+    elif name == "unet1d":  # the decoder layers: conv_transpose, group_norm, parallel skips
+        trunk = _sibling("denoise_unet").unet(channels, "conv_transpose")
+        model, taps = jbp.serial(trunk, jbp.global_avg_pool(), jbp.dense(N_CLASSES)), 5
     else:
         raise ValueError(f"cnn_spec: unknown CNN {name!r}; known: {', '.join(CNNS)}")
     positions = math.prod(in_shape[:-1])

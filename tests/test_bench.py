@@ -136,7 +136,7 @@ def test_cnn_specs_build_the_issue_models():
     # Built, not compiled or timed: the MNIST-1D CNN is mnist1d_models.build("cnn", 32).
     script = load_script("benchmark")
     one = script.cnn_spec("cnn1d", **script.CNNS["cnn1d"])
-    built, shape = script._mnist1d_build()("cnn", 32)
+    built, shape = script._sibling("mnist1d_models").build("cnn", 32)
     assert (one.model == built, one.in_shape, one.batch) == (True, (40, 1), 100)
     assert one.matmul == (100 * 40, 5 * 32, 32) and one.flops is None  # XLA counts
     two = script.cnn_spec("cnn2d", **script.CNNS["cnn2d"])
@@ -147,6 +147,11 @@ def test_cnn_specs_build_the_issue_models():
     convs = [p["W"].shape for p in params if isinstance(p, dict) and "W" in p
              and p["W"].ndim == 4]
     assert convs == [(3, 3, 3, 64)] + [(3, 3, 64, 64)] * 3
+    three = script.cnn_spec("unet1d", **script.CNNS["unet1d"])  # the decoder layers' point
+    params = jax.eval_shape(lambda k: three.model.init(k, three.in_shape)[1], jax.random.key(0))
+    x = jax.ShapeDtypeStruct((three.batch, *three.in_shape), jnp.float32)
+    assert jax.eval_shape(three.model.apply, params, x).shape == (100, 10)
+    assert "conv_transpose" in repr(three.model) and "group_norm" in repr(three.model)
     with pytest.raises(ValueError, match="unknown CNN"):
         script.cnn_spec("cnn3d", 1, 1, (4, 4, 4, 1))
 
