@@ -36,6 +36,7 @@ from jbp.grads import autodiff_value_and_grad, backprop, manual_value_and_grad
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
+from jbp.layers.memory import remat, reversible, reversible_serial
 from jbp.layers.norm import batch_norm, layer_norm
 from jbp.layers.pool import avg_pool, global_avg_pool, max_pool
 from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
@@ -58,6 +59,7 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
+    "remat", "reversible", "reversible_serial",
     "conv", "max_pool", "avg_pool", "global_avg_pool", "layer_norm", "batch_norm", "embedding",
     "rnn", "gru", "lstm", "bidirectional",
     "attention", "positional_embedding", "transformer_block",
