@@ -207,15 +207,17 @@ def judge(points, args) -> dict:
 
 def plot(points, args, out):
     plt = cli.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     depths = [p["depth"] for p in points]
-    styles = dict(zip(VARIANTS, ("s--", "^:", "o-", "D-.", "v-")))
+    styles = {name: dict(fmt=fmt, color=f"C{i}")
+              for i, (name, fmt) in enumerate(zip(VARIANTS, ("s--", "^:", "o-", "D-.", "v-")))}
     for name in args.variants:
+        fmt, color = styles[name]["fmt"], styles[name]["color"]
         axes[0].plot(depths, [p[name]["memory"].get("temp_bytes", np.nan) / 2**20
-                              for p in points], styles[name], label=name)
+                              for p in points], fmt, color=color, label=name)
         if name != "manual" and "manual" in args.variants:
             axes[1].plot(depths, [p[name]["time_ratio_vs_manual"]["median"] for p in points],
-                         styles[name], label=f"{name} / manual")
+                         fmt, color=color, label=f"{name} / manual")
     axes[0].set(yscale="log", ylabel="XLA temp memory of the gradient (MiB)",
                 title=f"batch {args.batch}, width {args.width}, {args.activation}, float32")
     axes[1].axhline(TARGET["time_ratio_max"], color="grey", lw=0.8, ls="--",
@@ -223,6 +225,15 @@ def plot(points, args, out):
     axes[1].axhline(1.0, color="black", lw=0.5)
     axes[1].set(ylabel="time / manual (median of paired rounds)",
                 title="time against the hand-written residual backward")
+    if "reversible" in args.variants:
+        axes[2].plot(depths, [p["reconstruction_rel_err"] for p in points],
+                     styles["reversible"]["fmt"], color=styles["reversible"]["color"],
+                     label="input of the stack")
+        axes[2].plot(depths, [p["reversible"].get("rel_err_vs_autodiff", np.nan)
+                              for p in points], "x:", color="black",
+                     label="gradient vs jax.grad")
+    axes[2].set(yscale="log", ylabel="relative error, float32, at init",
+                title="reversible: reconstruction against depth")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set(xticks=depths, xticklabels=depths, xlabel="blocks D")
