@@ -24,27 +24,30 @@ recomputing needs (:class:`Kept`); the walk recomputes the children's caches and
 visits every child with its ``(params, recomputed cache, delta)``, so everything built on
 the walk (``backprop``'s deltas, the per-example functions, ``ggn_diagonal``, ``hvp``,
 ``as_custom_vjp``, ``fit``, ``check_layer``) reaches every layer inside as it would
-without them. The recomputed forward starts behind ``jax.lax.optimization_barrier`` (as
-``jax.checkpoint`` does), so XLA cannot merge it with the forward's and keep the caches
-after all.
+without them. The recomputation is tied to the delta that reaches the layer in the
+backward (:func:`tied`), so XLA can neither merge it with the forward nor run it early
+and keep its values after all (``jax.checkpoint``'s optimisation barrier does not prevent
+the second on XLA:CPU: docs/performance.md).
 
 **Randomness.** The cache keeps the forward's PRNG ``key`` (and ``train`` and the side
 inputs), and the recomputation runs every child with the key it had: dropout draws the
 same mask again, so the gradient is the one of the forward that ran.
 
-**State.** A child that keeps state (batch_norm) is refused: its running statistics
-would be updated by the forward but not by the recomputation, and a reversible block's
-reconstruction with batch statistics in training mode would differ from the forward's.
-layer_norm keeps no state and works.
+**State.** A child that keeps state (batch_norm) is refused with an error naming it: the
+recomputation would have to run with the state the forward started from (in evaluation
+mode its running statistics are the normalisation itself), which these caches do not
+keep; rather than recompute with other statistics, it is not supported. layer_norm keeps
+no state and works.
 
 **Numerics of reconstruction.** ``x₂ = y₂ − G(y₁)`` is exact in real numbers, not in
 floating point: each block adds a rounding error of the size of ``ε·|y|`` (ε = 2⁻²⁴ in
 float32), and the reconstruction of the block below starts from the reconstructed, not
 the true, output, so the errors add up (and are amplified by F's and G's Lipschitz
 constants) from the top of the stack down. The gradient is then the exact gradient at
-slightly different activations. ``tests/test_memory.py`` measures and bounds the relative
-error of the reconstructed input of a 64-block float32 stack; docs/performance.md has the
-figures against depth. It matters where it is of the size of what training resolves:
+slightly different activations. ``tests/test_memory.py`` bounds the relative error of
+the reconstructed input of a 32-block float32 stack (by 1e-4; measured 2e-6 to 1.2e-5);
+docs/performance.md has it against depth (3.7e-7 at 4 blocks of width 128, 9.0e-4 at
+128, 2.2e-2 at 256). It matters where it is of the size of what training resolves:
 with float32 and hundreds of blocks whose F and G have large gains; float64 reconstructs
 to its own rounding.
 """
@@ -76,8 +79,8 @@ jax.tree_util.register_dataclass(Kept, data_fields=["array", "key", "side"],
                                  meta_fields=["train"])
 
 
-def fenced(kept, dy):
-    """``(kept, dy)`` with every float array of ``kept`` made to depend on ``dy``, the delta
+def tied(kept, dy):
+    """``kept`` with every float array made to depend on ``dy``, the delta
     that reaches the layer in the backward (``+ 0·dy[first]``, one scalar added), so that a
     recomputation from ``kept`` can neither be merged with the forward's (XLA's
     common-subexpression elimination) nor be scheduled early, during the forward, and hold
@@ -93,14 +96,14 @@ def fenced(kept, dy):
     def tie(a):
         return a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a
 
-    return jax.tree_util.tree_map(tie, kept), dy
+    return jax.tree_util.tree_map(tie, kept)
 
 
 def _refuse_state(who: str, layers) -> None:
     for layer in layers:
         if layer.stateful:
             raise ValueError(f"{who}: {layer.name} keeps state (batch_norm's running "
-                             f"statistics), which a recomputed forward cannot reproduce "
+                             f"statistics), which recomputing forwards does not support "
                              f"(see jbp.layers.memory); use layer_norm inside, or keep the "
                              f"stateful layer outside")
 
@@ -129,9 +132,8 @@ def remat(layer: Layer) -> Layer:
         return y, Kept(x, key, side, train), state
 
     def walk(params, kept, dy, visit):
-        x, dy = fenced(kept.array, dy)
-        _, cache, _ = forward_child(layer, params, x, key=kept.key, train=kept.train,
-                                    state={}, side=kept.side)
+        _, cache, _ = forward_child(layer, params, tied(kept.array, dy), key=kept.key,
+                                    train=kept.train, state={}, side=kept.side)
         return visit(layer, params, cache, dy)
 
     return Layer(name, layer.init, forward, layers=(layer,), walk=walk,
@@ -170,8 +172,7 @@ def recomputed_segments(layers, k: int, name: str):
     def walk(params, kept, dy, visit):
         keys, results = child_keys(kept.key, n), [None] * n
         for segment, x in zip(reversed(segments), reversed(kept.array)):
-            x, dy = fenced(x, dy)
-            _, caches = forward_chain(layers, segment, params, x, keys=keys,
+            _, caches = forward_chain(layers, segment, params, tied(x, dy), keys=keys,
                                       train=kept.train, states=[{}] * n, side=kept.side,
                                       parent=name)
             for i, cache in zip(reversed(segment), reversed(caches)):
@@ -285,8 +286,7 @@ def reversible(f: Layer, g: Layer) -> Layer:
 
     def walk(params, cache, dy, visit):
         if isinstance(cache, Kept):  # its own forward's: reconstruct (in a stack: done)
-            cache, dy = fenced(cache, dy)
-            cache = _reconstruct(Reversible(f, g), params, cache)[1]
+            cache = _reconstruct(Reversible(f, g), params, tied(cache, dy))[1]
         dy1, dy2 = _halves(dy)
         result_g, dy1_g = visit(g, params[1], cache.g, dy2)
         dy1 = dy1 + dy1_g  # y₁ feeds y₁ itself and G
@@ -333,7 +333,7 @@ def reversible_serial(*blocks: Layer) -> Layer:
     def walk(params, kept, dy, visit):
         y, keys, results = kept.array, child_keys(kept.key, n), [None] * n
         for i in reversed(range(n)):
-            y, dy = fenced(y, dy)  # block i is reconstructed when its delta is there
+            y = tied(y, dy)  # block i is reconstructed when its delta is there
             with noting_position(i, blocks[i], name, "backward"):
                 y, inside = _reconstruct(blocks[i].info, params[i],
                                          Kept(y, keys[i], kept.side, kept.train))
