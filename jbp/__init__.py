@@ -38,6 +38,7 @@ from jbp.kronecker import kronecker_factors
 from jbp.layer import EXAMPLEWISE, Layer, PerExampleRule, constructor
 from jbp.losses import IGNORE_LABEL, Loss
 from jbp.layers.maxout import maxout
+from jbp.layers.memory import remat, reversible, reversible_serial
 from jbp.layers.norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from jbp.layers.pool import avg_pool, global_avg_pool, global_max_pool, max_pool
 from jbp.layers.recurrent import bidirectional, gru, lstm, rnn
@@ -61,6 +62,7 @@ __all__ = [
     # the layer protocol and the layers
     "Layer", "PerExampleRule", "EXAMPLEWISE", "constructor", "check_layer", "LayerReport",
     "dense", "dropout", "flatten", "maxout", "serial", "mlp", "residual", "parallel",
+    "remat", "reversible", "reversible_serial",
     "conv", "conv_transpose", "upsample", "max_pool", "avg_pool", "global_avg_pool",
     "global_max_pool", "layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm",
     "embedding",

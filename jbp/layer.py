@@ -467,6 +467,24 @@ def forward_child(child: Layer, params, x, *, key, train, state, side):
                          side=masks.side_for(child, side))
 
 
+def child_keys(key, n: int):
+    """A composite's PRNG ``key`` split into one per child (``None`` each without a key)."""
+    return jax.random.split(key, n) if key is not None else [None] * n
+
+
+def forward_chain(layers, indices, params, x, *, keys, train, states, side, parent: str):
+    """``layers[i]`` for every ``i`` of ``indices`` in turn, each on the output of the one
+    before (params, keys and states indexed by ``i``; ``states`` is updated in place):
+    ``(y, caches)``, one cache per layer run. Errors gain a note naming the layer."""
+    caches = []
+    for i in indices:
+        with noting_position(i, layers[i], parent, "forward"):
+            x, cache, states[i] = forward_child(layers[i], params[i], x, key=keys[i],
+                                                train=train, state=states[i], side=side)
+        caches.append(cache)
+    return x, caches
+
+
 def child_states(state, n: int) -> tuple:
     """A composite's ``state`` as one entry per child (``{}`` each for a composite whose
     children keep none)."""

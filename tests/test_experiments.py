@@ -179,7 +179,8 @@ def test_data_parallel_quick(tmp_path, env):
 @pytest.mark.parametrize("name", ["compare_training", "depth", "depth_residual",
                                   "vanishing_gradients", "per_example", "dp_sgd",
                                   "data_parallel", "attention_memory", "adding_problem",
-                                  "char_lm", "padded_sequences", "denoise_unet"])
+                                  "char_lm", "padded_sequences", "denoise_unet",
+                                  "memory_depth", "second_order"])
 def test_help_and_a_missing_backend(name, tmp_path, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit) as exit_:
@@ -249,6 +250,22 @@ def test_attention_memory_quick(tmp_path, env):
     assert point["time_ratio"]["manual"]["median"] > 0
     assert results["target"]["measured"] is False and "T = 2048 not in this sweep" in stdout
     assert_png(tmp_path / "attention_memory.png")
+
+
+def test_memory_depth_quick(tmp_path, env):
+    """Every gradient of one tiny depth agrees with jax.grad of its net, every figure the
+    full run reports is there, and the trained pair has its accuracies."""
+    results, stdout = run_quick("memory_depth.py", tmp_path, env)
+    (point,) = results["points"]
+    for name in ("autodiff", "checkpoint", "manual", "remat", "reversible"):
+        assert point[name]["time"]["median"] > 0 and "temp_bytes" in point[name]["memory"]
+        if name != "autodiff":
+            assert point[name]["rel_err_vs_autodiff"] < 1e-5
+    assert 0 < point["reconstruction_rel_err"] < 1e-5
+    trained = results["trained"]
+    assert all(0 <= r["test_accuracy"] <= 1 for runs in trained["runs"].values() for r in runs)
+    assert results["target"]["measured"] is False and "not all in this sweep" in stdout
+    assert_png(tmp_path / "memory_depth.png")
 
 
 def test_adding_problem_quick(tmp_path, env):

@@ -14,22 +14,32 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jbp.layers import activations
+from jbp.layers import activations, memory
 from jbp.layers.dense import dense
-from jbp.layer import (EXAMPLEWISE, Layer, as_integer, as_shape, child_states, composite_init_state,
-                       composite_state, constructor, forward_child, noting_position, out_shape)
+from jbp.layer import (EXAMPLEWISE, Layer, as_integer, as_shape, child_keys, child_states,
+                       composite_init_state, composite_state, constructor, forward_chain,
+                       noting_position, out_shape)
 
 
 @constructor
-def serial(*layers: Layer) -> Layer:
-    """Chain ``layers``; the result is itself a Layer (composites nest)."""
+def serial(*layers: Layer, remat_every: int | str | None = None) -> Layer:
+    """Chain ``layers``; the result is itself a Layer (composites nest).
+
+    ``remat_every=k`` keeps, of the forward, only the input of every segment of ``k``
+    layers, and the backward reruns each segment's forward before walking it
+    (``"sqrt"``: k = ⌈√n⌉, the √n scheme; :mod:`jbp.layers.memory`). The params, the
+    gradients and everything the walk reaches stay as without it; a layer that keeps state
+    is then refused.
+    """
     if not layers:
         raise ValueError("serial: needs at least one layer")
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
             raise TypeError(f"serial: argument {i} must be a Layer, got {type(layer).__name__}")
     n = len(layers)
-    name = "serial(" + ", ".join(layer.name for layer in layers) + ")"
+    k = None if remat_every is None else memory.segment_length(remat_every, n, "serial")
+    name = ("serial(" + ", ".join(layer.name for layer in layers)
+            + ("" if k is None else f", remat_every={k}") + ")")
 
     def init(key, in_shape):
         shape = as_shape(in_shape, "serial")
@@ -41,14 +51,10 @@ def serial(*layers: Layer) -> Layer:
         return shape, tuple(params)
 
     def forward(params, x, *, key=None, train=False, state=None, side=None):
-        keys = jax.random.split(key, n) if key is not None else [None] * n
-        caches, states = [], list(child_states(state, n))
-        for i, layer in enumerate(layers):
-            with noting_position(i, layer, name, "forward"):
-                x, cache, states[i] = forward_child(layer, params[i], x, key=keys[i],
-                                                    train=train, state=states[i], side=side)
-            caches.append(cache)
-        return x, tuple(caches), composite_state(states)
+        states = list(child_states(state, n))
+        y, caches = forward_chain(layers, range(n), params, x, keys=child_keys(key, n),
+                                  train=train, states=states, side=side, parent=name)
+        return y, tuple(caches), composite_state(states)
 
     def init_state(in_shape):
         shapes = [as_shape(in_shape, "serial")]
@@ -62,6 +68,9 @@ def serial(*layers: Layer) -> Layer:
             with noting_position(i, layers[i], name, "backward"):
                 results[i], dy = visit(layers[i], params[i], caches[i], dy)
         return tuple(results), dy
+
+    if k is not None:  # the same chain, keeping only the segments' inputs
+        forward, walk = memory.recomputed_segments(layers, k, name)
 
     stateful = any(layer.stateful for layer in layers)
     return Layer(name, init, forward, layers=tuple(layers),
