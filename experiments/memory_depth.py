@@ -36,8 +36,8 @@ accuracy equal to the residual net's within noise.
 
 Writes ``results.json`` and ``memory_depth.png`` into ``--out``.
 
-    PYTHONPATH=. .venv/bin/python experiments/memory_depth.py --out runs/memory_depth
-    PYTHONPATH=. .venv/bin/python experiments/memory_depth.py --quick --out /tmp/memory_depth
+    .venv/bin/python experiments/memory_depth.py --out runs/memory_depth
+    .venv/bin/python experiments/memory_depth.py --quick --out /tmp/memory_depth
 """
 
 import functools
