@@ -36,18 +36,19 @@ def test_one_example_dense_block_is_exactly_a_kron_g():
         np.testing.assert_allclose(jnp.kron(f.A, f.G), ggn, rtol=0, atol=1e-12 * np.abs(ggn).max())
 
 
-def _mlp():
-    return jbp.serial(jbp.dense(5, dtype=jnp.float64), jbp.tanh(), jbp.dense(3, dtype=jnp.float64))
+def _mlp_batch():
+    """A float64 MLP (call inside jax.enable_x64), its params and a batch of 6."""
+    model = jbp.serial(jbp.dense(5, dtype=jnp.float64), jbp.tanh(), jbp.dense(3, dtype=jnp.float64))
+    _, p = model.init(jax.random.key(0), (4,))
+    x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+    return model, p, x, jnp.array([0, 1, 2, 1, 0, 2])
 
 
 def test_batch_factors_equal_their_definitions_from_vjp_deltas():
     """A = mean ã ãᵀ over the batch; G = Σ_k Σ_i δ_ik δ_ikᵀ with δ_ik the jax.vjp of the
     network above the layer at column k of the loss Hessian's square-root factor."""
     with jax.enable_x64(True):
-        model = _mlp()
-        _, p = model.init(jax.random.key(0), (4,))
-        x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
-        y = jnp.array([0, 1, 2, 1, 0, 2])
+        model, p, x, y = _mlp_batch()
         f = jax.jit(jbp.kronecker_factors(model, CE))(p, x, y)
         z1 = model.layers[0].apply(p[0], x)
         a1 = jnp.tanh(z1)
@@ -71,10 +72,7 @@ def test_monte_carlo_factors_converge_to_the_exact_ones():
     """The mean over 4000 sampled targets: relative Frobenius error of G within 0.1 (the
     estimate's own spread is ~1/√4000 ≈ 0.016 of the entries' scale); A has no noise."""
     with jax.enable_x64(True):
-        model = _mlp()
-        _, p = model.init(jax.random.key(0), (4,))
-        x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
-        y = jnp.array([0, 1, 2, 1, 0, 2])
+        model, p, x, y = _mlp_batch()
         exact = jax.jit(jbp.kronecker_factors(model, CE))(p, x, y)
         mc = jax.jit(jbp.kronecker_factors(model, CE, kind="mc", samples=4000))(
             p, x, y, key=jax.random.key(2))
