@@ -34,9 +34,8 @@ import optax
 
 from jbp import losses
 from jbp.grads import check_model_and_loss
-from jbp.kronecker import KINDS, Factors, _rows_hook, _factors, _is_block, kronecker_factors
+from jbp.kronecker import KINDS, Factors, column_factors, is_factors, kronecker_factors
 from jbp.layer import Layer, as_shape, positive_int, run
-from jbp.per_example import trace
 
 
 class Eigen(NamedTuple):
@@ -59,10 +58,6 @@ class KFACState(NamedTuple):
 class KFAC(optax.GradientTransformationExtraArgs):
     """An optax transformation whose ``update`` takes the batch: ``update(grads, state,
     params, *, x, y, key=None, side=None)`` (see :func:`kfac`)."""
-
-
-def _is_factors(x) -> bool:
-    return isinstance(x, Factors)
 
 
 def _to_matrix(block):
@@ -143,8 +138,7 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
         def shapes(p):
             x = jnp.zeros((1, *in_shape), jnp.result_type(*jax.tree_util.tree_leaves(p)))
             out, cache, _ = run(model, p, x)
-            blocks = trace(model, p, cache, jnp.zeros_like(out), _rows_hook, who)
-            return jax.tree_util.tree_map(_factors, blocks, is_leaf=_is_block)
+            return column_factors(model, p, cache, jnp.zeros_like(out), who)
         return jax.eval_shape(shapes, params)
 
     def init(params):
@@ -152,7 +146,7 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
                                        factor_shapes(params))
         eigen = jax.tree_util.tree_map(lambda f: _eigen(Factors(jnp.eye(len(f.A), dtype=f.A.dtype),
                                                                 jnp.eye(len(f.G), dtype=f.G.dtype))),
-                                       zeros, is_leaf=_is_factors)
+                                       zeros, is_leaf=is_factors)
         return KFACState(jnp.zeros((), jnp.int32), zeros, eigen,
                          jax.tree_util.tree_map(jnp.zeros_like, params), fallback.init(params))
 
@@ -169,7 +163,7 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
             lambda old, b: jnp.where(first, b, decay * old + (1 - decay) * b),
             state.factors, new)
         eigen = jax.lax.cond((count - 1) % inverse_every == 0,
-                             lambda: jax.tree_util.tree_map(_eigen, averaged, is_leaf=_is_factors),
+                             lambda: jax.tree_util.tree_map(_eigen, averaged, is_leaf=is_factors),
                              lambda: state.eigen)
         fallback_updates, fallback_state = fallback.update(grads, state.fallback, params)
         step = -rate(count)

@@ -74,15 +74,24 @@ def _rows_hook(rule: PerExampleRule, params, cache, delta):
 
 
 def _factors(block: KroneckerBlock) -> Factors:
-    """One column's ``(A, Σ g gᵀ)`` from a block's rows (A does not depend on the column:
-    under ``jax.vmap`` over the columns it is computed once)."""
+    """One column's ``(A, Σ g gᵀ)`` from a block's rows."""
     a2 = block.a.reshape(-1, block.a.shape[-1])
     g2 = block.g.reshape(-1, block.g.shape[-1])
     return Factors(a2.T @ a2 / a2.shape[0], g2.T @ g2)
 
 
-def _is_factors(x) -> bool:
+def is_factors(x) -> bool:
+    """Whether ``x`` is one block's :class:`Factors` (an ``is_leaf`` for factor trees)."""
     return isinstance(x, Factors)
+
+
+def column_factors(model: Layer, params, cache, cotangent, who: str):
+    """The factor tree of one backward pass started from ``cotangent`` (shaped like the
+    model's output): every declared block's ``Factors(A, Σ g gᵀ)``, None for undeclared
+    layers' params. A does not depend on the cotangent: under ``jax.vmap`` over the
+    columns it is computed once."""
+    blocks = trace(model, params, cache, cotangent, _rows_hook, who)
+    return jax.tree_util.tree_map(_factors, blocks, is_leaf=_is_block)
 
 
 def _mc_cotangents(loss: losses.Loss, out, y, weights, key, samples: int):
@@ -158,12 +167,8 @@ def kronecker_factors(model: Layer, loss: losses.Loss, *, kind: str = "exact",
         else:
             columns = _mc_cotangents(loss, out, y, weights, jax.random.fold_in(key, 1), samples)
 
-        def per_column(s):
-            blocks = trace(model, params, cache, s, _rows_hook, who)
-            return jax.tree_util.tree_map(_factors, blocks, is_leaf=_is_block)
-
-        stacked = jax.vmap(per_column)(columns)
+        stacked = jax.vmap(lambda s: column_factors(model, params, cache, s, who))(columns)
         return jax.tree_util.tree_map(lambda f: Factors(f.A[0], jnp.sum(f.G, axis=0)), stacked,
-                                      is_leaf=_is_factors)
+                                      is_leaf=is_factors)
 
     return factors
