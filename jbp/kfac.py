@@ -131,7 +131,6 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
     if kind not in KINDS:
         raise ValueError(f"{who}: kind must be one of {KINDS}, got {kind!r}")
     batch_factors = kronecker_factors(model, loss, kind=kind, samples=samples, undeclared="skip")
-    fallback = optax.adam(1e-3) if fallback is None else fallback
     rate = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
 
     def factor_shapes(params):
@@ -140,6 +139,16 @@ def kfac(model: Layer, loss: losses.Loss, in_shape, *, learning_rate=1e-2,
             out, cache, _ = run(model, p, x)
             return column_factors(model, p, cache, jnp.zeros_like(out), who)
         return jax.eval_shape(shapes, params)
+
+    def outside_blocks(params):
+        """True at every param leaf that no block preconditions: what the fallback sees
+        (it keeps no state for, and spends no work on, the blocks' params)."""
+        return jax.tree_util.tree_map(
+            lambda f, p: jax.tree_util.tree_map(lambda _: f is None, p),
+            factor_shapes(params), params, is_leaf=lambda t: t is None or is_factors(t))
+
+    fallback = optax.masked(optax.adam(1e-3) if fallback is None else fallback,
+                            outside_blocks)
 
     def init(params):
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
