@@ -61,7 +61,6 @@ and a tiny attention model (B 2, T 8, 2 heads of 4, one key block) in seconds, f
     .venv/bin/python experiments/benchmark.py --quick --out /tmp/bench
 """
 
-import importlib.util
 import itertools
 import math
 import sys
@@ -216,15 +215,6 @@ def mlp_spec(batch, width, depth, activation) -> Spec:
              bench.mlp_step_flops(batch, sizes, input_grad=True)["step"] / flops["step"])})
 
 
-def _sibling(name: str):
-    """The experiment script ``name``.py beside this one, as a module."""
-    path = Path(__file__).resolve().with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def cnn2d(channels: int) -> jbp.Layer:
     """Two 3×3 convolutions (ReLU) and a 2×2 max pool, twice; flatten; a dense head."""
     block = [jbp.conv(channels, 3), jbp.relu(), jbp.conv(channels, 3), jbp.relu(),
@@ -237,14 +227,14 @@ def cnn_spec(name, batch, channels, in_shape) -> Spec:
     1, "SAME": every input position, kernel taps × channels in, channels out)."""
     in_shape = tuple(in_shape)
     if name == "cnn1d":
-        model, shape = _sibling("mnist1d_models").build("cnn", channels)
+        model, shape = cli.sibling(__file__, "mnist1d_models").build("cnn", channels)
         if tuple(shape) != in_shape:
             raise ValueError(f"cnn1d: mnist1d_models builds input {shape}, not {in_shape}")
         taps = 5
     elif name == "cnn2d":
         model, taps = cnn2d(channels), 3 * 3
     elif name == "unet1d":  # the decoder layers: conv_transpose, group_norm, parallel skips
-        trunk = _sibling("denoise_unet").unet(channels, "conv_transpose")
+        trunk = cli.sibling(__file__, "denoise_unet").unet(channels, "conv_transpose")
         model, taps = jbp.serial(trunk, jbp.global_avg_pool(), jbp.dense(N_CLASSES)), 5
     else:
         raise ValueError(f"cnn_spec: unknown CNN {name!r}; known: {', '.join(CNNS)}")

@@ -18,16 +18,14 @@ Writes ``results.json``, ``loss_steps.png``, ``loss_time.png`` and ``accuracy.pn
     .venv/bin/python experiments/second_order.py --quick --out /tmp/second_order
 """
 
-import importlib.util
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 
 import jbp
-from jbp.cli import experiment_parser, plt, save_figure, show_progress, start_device
+from jbp.cli import experiment_parser, plt, save_figure, show_progress, sibling, start_device
 from jbp.io import write_json
 
 CE = jbp.losses.softmax_cross_entropy
@@ -39,10 +37,7 @@ KFAC_SETTINGS = {"damping": 1e-2, "decay": 0.95, "inverse_every": 10, "momentum"
 
 def models(quick: bool) -> dict:
     """``{name: (model, in_shape)}``: the MNIST-1D MLP and CNN of mnist1d_models.py."""
-    path = Path(__file__).resolve().with_name("mnist1d_models.py")
-    spec = importlib.util.spec_from_file_location("mnist1d_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sibling(__file__, "mnist1d_models")
     names = ("mlp",) if quick else ("mlp", "cnn")
     return {name: module.build(name) for name in names}
 

@@ -8,6 +8,7 @@ and only a full run on a terminal draws progress bars (:func:`show_progress`).
 """
 
 import argparse
+import importlib.util
 import os
 import platform as _platform
 import sys
@@ -29,6 +30,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def sibling(script: str, name: str):
+    """The experiment script ``name``.py in the folder of ``script`` (a ``__file__``), loaded
+    as a module: how one experiment reuses another's models."""
+    path = Path(script).resolve().with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def experiment_parser(description: str, default_out: str) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import pytest
 
 import jbp
 from conftest import load_script, run_main
-from jbp import bench
+from jbp import bench, cli
 
 
 # --- FLOP counting ---------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_cnn_specs_build_the_issue_models():
     # Built, not compiled or timed: the MNIST-1D CNN is mnist1d_models.build("cnn", 32).
     script = load_script("benchmark")
     one = script.cnn_spec("cnn1d", **script.CNNS["cnn1d"])
-    built, shape = script._sibling("mnist1d_models").build("cnn", 32)
+    built, shape = cli.sibling(script.__file__, "mnist1d_models").build("cnn", 32)
     assert (one.model == built, one.in_shape, one.batch) == (True, (40, 1), 100)
     assert one.matmul == (100 * 40, 5 * 32, 32) and one.flops is None  # XLA counts
     two = script.cnn_spec("cnn2d", **script.CNNS["cnn2d"])
