@@ -90,6 +90,39 @@ def test_backward_equals_vjp_of_own_forward_and_of_plain_attention(case, dtype):
     assert rel_err(manual, plain) <= rtol(dtype)
 
 
+@pytest.mark.parametrize("t, block", [(8, 4), (9, 4), (12, 3)])
+def test_causal_schedule_visits_only_the_pairs_below_the_diagonal(t, block):
+    """Causal attention with T > block scans the n(n+1)/2 (query block, key block) pairs at
+    or below the diagonal, forward and backward, and equals jax.vjp of plain causal softmax
+    attention in float64: T a multiple of the block and not, with a key mask."""
+    from jbp.layers.attention import attention_core, attention_core_backward
+    n = -(-t // block)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(t)
+        q, k, v, do = (jnp.asarray(rng.normal(size=(2, 2, t, 4))) for _ in range(4))
+        key_mask = jnp.asarray(rng.random((2, t)) > 0.3).at[:, 0].set(True)
+        keep = jnp.tril(jnp.ones((t, t), bool)) & key_mask[:, None, None, :]
+
+        def plain(q, k, v):
+            s = jnp.where(keep, q @ jnp.swapaxes(k, -1, -2) / 2.0, -jnp.inf)
+            return jax.nn.softmax(s, axis=-1) @ v
+
+        def core(q, k, v):
+            return attention_core(q, k, v, causal=True, block=block, key_mask=key_mask)
+
+        def backward(q, k, v, do):
+            return attention_core_backward(q, k, v, *core(q, k, v), do, causal=True, block=block,
+                                           key_mask=key_mask)
+
+        for fun, args in ((core, (q, k, v)), (backward, (q, k, v, do))):
+            lengths = [e.params["length"] for e in jax.make_jaxpr(fun)(*args).eqns
+                       if e.primitive.name == "scan"]
+            assert lengths[-1] == n * (n + 1) // 2, lengths
+        o_plain, vjp = jax.vjp(plain, q, k, v)
+        assert rel_err(jit(core)(q, k, v)[0], o_plain) <= 1e-12
+        assert rel_err(jit(backward)(q, k, v, do), vjp(do)) <= 1e-12
+
+
 def test_check_layer_with_a_saturated_softmax():
     """check_layer passes the non-causal layer (2 heads of 4, T 20 in blocks of 8, the last
     padded) in every case. With inputs × 30 the softmax saturates, and in float32 jax.vjp

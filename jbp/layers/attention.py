@@ -71,6 +71,17 @@ values are padded with zeros to a multiple of ``block`` and the padded keys are 
 (score −∞, probability 0); with ``causal=True`` key ``t'`` is masked for query ``t < t'``.
 Every query row sees key 0 in the first block, so the running max is finite after it.
 
+**Causal: only the pairs below the diagonal.** Under ``causal=True`` with more than one
+block, key block ``j`` matters to query block ``i`` only when ``j ≤ i``. Forward and backward
+then scan the ``n(n+1)/2`` pairs ``(i, j)`` instead of the ``n`` key blocks against every
+query (:func:`causal_core`): each step computes one (block, block) tile of scores and
+updates rows ``i`` of ``m, l, acc`` (forward) or of ``dq`` and rows ``j`` of ``dk, dv``
+(backward) in place, so about half the products and exponentials of the full scan are
+skipped, and a step holds a (block, block) array rather than (T, block). A Python loop of
+prefixes or diagonals does the same work with larger products, but XLA:CPU's concurrency
+scheduler then keeps every step's scores alive at once (measured at T 2048: 324 MiB
+temporary for the forward against 2.6 MiB for the scan); the scan keeps them one at a time.
+
 **Side inputs** (:mod:`jbp.masks`): ``lengths`` or ``key_mask`` mask padded keys,
 ``attention_mask`` any (query, key) pair; each is cut into key blocks with the keys (a
 ``(B, block)`` or ``(B, H, T, block)`` slice per step), so a padding mask forms no (T, T)
@@ -90,6 +101,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jbp import masks
@@ -160,6 +172,8 @@ def attention_core(q, k, v, *, causal: bool, block: int, key_mask=None, mask=Non
     where a key is masked; a row with every key masked gives ``o = 0`` (and ``m = −∞``,
     ``l = 0``)."""
     t = k.shape[2]
+    if causal and q.shape[2] == t and t > block:
+        return causal_core(q, k, v, block=block, key_mask=key_mask, mask=mask)
     block, n_blocks = _blocking(t, block)
     masked = key_mask is not None or mask is not None
     finite = _finite_max if masked else (lambda m: m)
@@ -200,6 +214,9 @@ def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int, k
         m, l = _finite_max(m), jnp.where(l == 0, 1, l)  # an empty row's s − m stays −∞
     log_l = jnp.log(l)[..., None]
     one_hot = (l == 1)[..., None]  # rows whose softmax is one-hot to working precision
+    if causal and q.shape[2] == t and t > block:
+        return causal_core_backward(q, k, v, D, m[..., None], log_l, one_hot, do, block=block,
+                                    key_mask=key_mask, mask=mask)
 
     def step(dq, kv_j):
         k_j, v_j, j, key_mask_j, mask_j = kv_j
@@ -217,6 +234,118 @@ def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int, k
               _mask_blocks(mask, block, n_blocks))
     dq, (dk, dv) = lax.scan(step, jnp.zeros_like(q), blocks)
     return dq, _from_blocks(dk, t), _from_blocks(dv, t)
+
+
+def _triangle(n_blocks: int):
+    """``(i, j)`` for every query block ``i`` and key block ``j ≤ i``, row by row: the
+    ``n(n+1)/2`` block pairs a causal mask leaves (int32 arrays, scanned over)."""
+    i, j = np.tril_indices(n_blocks)
+    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+
+
+def _pad_rows(a, rows: int, value=0):
+    """``a (B, H, T, ...)`` padded with ``value`` to ``rows`` rows along axis 2."""
+    pad = [(0, 0), (0, 0), (0, rows - a.shape[2])] + [(0, 0)] * (a.ndim - 3)
+    return jnp.pad(a, pad, constant_values=value)
+
+
+def _rows(a, i, block: int):
+    """Rows ``i·block … i·block + block − 1`` of ``a`` along axis 2 (``i`` traced)."""
+    return lax.dynamic_slice_in_dim(a, i * block, block, axis=2)
+
+
+def _add_rows(a, i, block: int, update):
+    """``a`` with ``update`` added to rows ``i·block …`` along axis 2, in place in a loop."""
+    return lax.dynamic_update_slice_in_dim(a, _rows(a, i, block) + update, i * block, axis=2)
+
+
+def _pair_scores(q, k, i, j, block: int, key_mask, mask):
+    """``q_i k_jᵀ (B, H, block, block)`` for query block ``i`` and key block ``j``, keys
+    after their query and masked keys at −∞; ``q`` (already scaled by ``c``), ``k`` (B, H,
+    rows, Dh) padded to whole blocks, ``key_mask (B, rows)``, ``mask (B, 1 or H, rows, rows)`` likewise or None."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", _rows(q, i, block), _rows(k, j, block))
+    pos = jnp.arange(block)
+    keep = (j * block + pos)[None, :] <= (i * block + pos)[:, None]
+    if key_mask is not None:
+        keep = keep & lax.dynamic_slice_in_dim(key_mask, j * block, block, axis=1)[:, None, None]
+    if mask is not None:
+        rows = lax.dynamic_slice_in_dim(mask, i * block, block, axis=2)
+        keep = keep & lax.dynamic_slice_in_dim(rows, j * block, block, axis=3)
+    return jnp.where(keep, s, -jnp.inf)
+
+
+def _causal_inputs(q, k, v, key_mask, mask, block: int):
+    """``(rows, n_blocks, c·q, k, v, key_mask, mask)`` padded to whole blocks (padded keys
+    lie after every real query, so the causal mask already hides them); ``c = 1/√Dh`` is
+    applied to ``q`` once rather than to every score."""
+    n_blocks = -(-q.shape[2] // block)
+    rows = n_blocks * block
+    q, k, v = (_pad_rows(a, rows) for a in (q / math.sqrt(q.shape[-1]), k, v))
+    if key_mask is not None:
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, rows - key_mask.shape[1])))
+    if mask is not None:
+        pad = rows - mask.shape[-1]
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad)))
+    return rows, n_blocks, q, k, v, key_mask, mask
+
+
+def causal_core(q, k, v, *, block: int, key_mask=None, mask=None):
+    """:func:`attention_core` under a causal mask (``T_q = T_k > block``), visiting only the
+    ``n(n+1)/2`` block pairs at or below the diagonal: one ``lax.scan`` over the pairs, row by
+    row, updating the rows' running max, normaliser and output in place. A (block, block)
+    array per step; the ``n(n−1)/2`` pairs above the diagonal are never computed."""
+    t = q.shape[2]
+    rows, n_blocks, q, k, v, key_mask, mask = _causal_inputs(q, k, v, key_mask, mask, block)
+    finite = _finite_max if key_mask is not None or mask is not None else (lambda m: m)
+
+    def step(carry, ij):
+        m, l, acc = carry
+        i, j = ij
+        s = _pair_scores(q, k, i, j, block, key_mask, mask)
+        m_i = _rows(m, i, block)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+        m_use = finite(m_new)
+        alpha = jnp.exp(m_i - m_use)
+        p = jnp.exp(s - m_use[..., None])
+        l_i = alpha * _rows(l, i, block) + jnp.sum(p, axis=-1)
+        acc_i = alpha[..., None] * _rows(acc, i, block) + jnp.einsum(
+            "bhqk,bhkd->bhqd", p, _rows(v, j, block))
+        m, l, acc = (lax.dynamic_update_slice_in_dim(a, a_i, i * block, axis=2)
+                     for a, a_i in ((m, m_new), (l, l_i), (acc, acc_i)))
+        return (m, l, acc), None
+
+    shape = q.shape[:3]
+    carry = (jnp.full(shape, -jnp.inf, q.dtype), jnp.zeros(shape, q.dtype), jnp.zeros_like(q))
+    (m, l, acc), _ = lax.scan(step, carry, _triangle(n_blocks))
+    m, l, acc = m[:, :, :t], l[:, :, :t], acc[:, :, :t]
+    return acc / jnp.where(l == 0, 1, l)[..., None], m, l
+
+
+def causal_core_backward(q, k, v, D, m, log_l, one_hot, do, *, block: int, key_mask=None,
+                         mask=None):
+    """:func:`attention_core_backward` over the block pairs of :func:`causal_core`; ``D``,
+    ``m``, ``log_l``, ``one_hot`` (B, H, T, 1) as prepared there."""
+    t = q.shape[2]
+    c = 1 / math.sqrt(q.shape[-1])
+    rows, n_blocks, q, k, v, key_mask, mask = _causal_inputs(q, k, v, key_mask, mask, block)
+    do, D, m, log_l, one_hot = (_pad_rows(a, rows) for a in (do, D, m, log_l, one_hot))
+
+    def step(grads, ij):
+        dq, dk, dv = grads
+        i, j = ij
+        s = _pair_scores(q, k, i, j, block, key_mask, mask)
+        p = jnp.exp(s - _rows(m, i, block) - _rows(log_l, i, block))
+        q_i, do_i, k_j = _rows(q, i, block), _rows(do, i, block), _rows(k, j, block)
+        dv = _add_rows(dv, j, block, jnp.einsum("bhqk,bhqd->bhkd", p, do_i))
+        dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, _rows(v, j, block))
+        ds = jnp.where(_rows(one_hot, i, block), 0, p * (dp - _rows(D, i, block)))
+        dq = _add_rows(dq, i, block, c * jnp.einsum("bhqk,bhkd->bhqd", ds, k_j))
+        dk = _add_rows(dk, j, block, jnp.einsum("bhqk,bhqd->bhkd", ds, q_i))  # q_i holds c
+        return (dq, dk, dv), None
+
+    zeros = jnp.zeros_like(q)
+    (dq, dk, dv), _ = lax.scan(step, (zeros, zeros, zeros), _triangle(n_blocks))
+    return dq[:, :, :t], dk[:, :, :t], dv[:, :, :t]
 
 
 def split_heads(a, heads: int):
