@@ -175,7 +175,7 @@ def _leaves(layer):
     return [layer] if not layer.layers else [leaf for c in layer.layers for leaf in _leaves(c)]
 
 
-def _sequence(children, shape, state, prefix=""):
+def _sequence(children, shape, state):
     modules, maps = [], []
     for child in children:
         m, shape, state, f = _build(child, shape, state)
@@ -183,7 +183,7 @@ def _sequence(children, shape, state, prefix=""):
         maps.append(f)
 
     def mapping(params, grads):
-        return {f"{prefix}{i}.{k}": v for i, (f, p) in enumerate(zip(maps, params))
+        return {f"{i}.{k}": v for i, (f, p) in enumerate(zip(maps, params))
                 for k, v in f(p, grads).items()}
     return modules, shape, state, mapping
 
