@@ -45,6 +45,21 @@ points come in four families (``--models``, all by default):
   ``cost_analysis()`` counts the body of a ``lax.scan`` (a while loop) once, not once per
   step. The manual attention backward's recomputed ``q kᵀ`` is extra work, not counted.
 
+**Peers** (``--peers torch``, the default): where PyTorch is installed (``pip install -e
+.[peers]``), every point also times one eager PyTorch training step of the same network
+(``experiments/torch_peer.py``: the module a PyTorch user would write, built from the jbp
+model with its weights copied over, ``F.cross_entropy``, ``torch.optim.Adam`` as
+optax.adam(1e-3)) on the same batch, held as torch tensors before the timing. The step runs
+last in every round, after the manual/autodiff pair, so that pair keeps following the same
+light call; its paired ratio is ``ratio_manual_vs_torch`` (manual step / torch step). Before
+the timing, the module's loss and every parameter gradient at the shared initial params are
+checked against jbp's hand-written gradient (``torch`` in each point: the largest error per
+parameter, ``ok`` within 1e-3). Without PyTorch, or for a point whose layers have no peer,
+the column shows "—"; ``--peers none`` leaves it out. PyTorch runs with its own thread
+count (one per core) unless ``--torch-threads`` sets it: on a 2-core machine with one core
+busy elsewhere, its two threads waited for each other (an MLP step of 0.5 ms took 24 ms),
+where one thread did not; results.json records the count.
+
 The peak is a float32 product of the MLP grid's largest layer shape (measured even when
 no MLP point runs), timed at the start, the end and inside the rounds of points whose
 own product has that shape.
@@ -103,6 +118,10 @@ QUICK_ATTENTIONS = {"attn": {"batch": 2, "steps": 8, "features": 4, "heads": 2, 
 POINTS = {"cnn": (CNNS, QUICK_CNNS), "rnn": (RNNS, QUICK_RNNS),
           "attention": (ATTENTIONS, QUICK_ATTENTIONS)}  # the families built from named configs
 FUNCS = ("forward", "manual_grad", "autodiff_grad", "manual_step", "autodiff_step", "matmul")
+PEERS = ("torch", "none")
+TORCH_HINT = ("benchmark: PyTorch is not installed, so the torch column shows —; "
+              "to time it: pip install -e .[peers]")
+DASH = "—"  # a cell without a figure (no PyTorch step at that point)
 TARGETS = {"ratio_median_max": 1.00, "ratio_point_max": 1.05, "peak_fraction_min": 0.90}
 
 
@@ -139,6 +158,13 @@ def parse_args(argv=None):
     parser.add_argument("--min-repeats", type=int, default=None,
                         help="timed rounds at least, however slow (default 5, quick 3)")
     parser.add_argument("--max-repeats", type=int, default=200, help="timed rounds at most")
+    parser.add_argument("--peers", choices=PEERS, default="torch",
+                        help="other frameworks timed beside jbp: torch (an eager PyTorch "
+                        "step, where PyTorch is installed: pip install -e .[peers]) or none")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch's intra-op threads (default: its own, one per core); on "
+                        "a machine whose cores are busy with other work, 1 avoids its "
+                        "threads waiting for each other")
     args = parser.parse_args(argv)
     grid = dict(QUICK_GRID if args.quick else GRID)
     try:
@@ -160,6 +186,8 @@ def parse_args(argv=None):
             grid["activation"] = tuple(a.strip() for a in args.activation.split(","))
             for a in grid["activation"]:
                 jbp.activations.get(a)  # ValueError naming the valid ones
+        if args.torch_threads is not None and args.torch_threads < 1:
+            raise ValueError(f"--torch-threads: expected a positive int, got {args.torch_threads}")
         if args.budget is not None and not args.budget > 0:
             raise ValueError(f"--budget: expected seconds > 0, got {args.budget}")
         for flag, value in (("--min-repeats", args.min_repeats), ("--max-repeats", args.max_repeats)):
@@ -292,8 +320,43 @@ def specs(args) -> list[Spec]:
     return out
 
 
-def bench_point(spec: Spec, key, args):
-    """Every figure of one point (a JSON-ready dict)."""
+def load_torch_peer(peers: str, threads: int | None = None):
+    """``experiments/torch_peer.py`` as a module, or None: ``--peers none``, or PyTorch is not
+    installed (then :data:`TORCH_HINT` goes to stderr, once a run). ``threads``: PyTorch's
+    intra-op threads (None: its default)."""
+    if peers != "torch":
+        return None
+    try:
+        lib = cli.sibling(__file__, "torch_peer")
+    except ImportError:
+        print(TORCH_HINT, file=sys.stderr)
+        return None
+    if threads is not None:
+        lib.torch.set_num_threads(threads)
+    return lib
+
+
+def torch_peer_thunk(peer_lib, spec: Spec, params, x, y, loss_value, grads):
+    """``(thunk, fields)``: one eager PyTorch step of the point's model as a thunk for the
+    rounds (None where its layers have no peer), and what results.json records of it: the
+    agreement of its loss and gradients with jbp's at ``params`` (checked here, before any
+    step), or why there is no peer. The batch becomes torch tensors once, here."""
+    start = time.perf_counter()
+    try:
+        peer = peer_lib.peer_of(spec.model, spec.in_shape, params)
+    except NotImplementedError as err:
+        return None, {"missing": str(err)}
+    xt, yt = peer_lib.torch_input(peer, x), peer_lib.torch_labels(y)
+    fields = {"agreement": peer_lib.agreement(peer, xt, yt, loss_value, grads),
+              "build_s": time.perf_counter() - start, "channels_first": peer.channels_first,
+              "module_repr": repr(peer.module)}
+    optimizer = peer_lib.torch_optimizer(peer.module)
+    return (lambda: peer_lib.torch_step(peer.module, optimizer, xt, yt)), fields
+
+
+def bench_point(spec: Spec, key, args, peer_lib=None):
+    """Every figure of one point (a JSON-ready dict). ``peer_lib``: the torch_peer module,
+    which adds the PyTorch step to the rounds (None: no torch column)."""
     model, batch = spec.model, spec.batch
     loss = jbp.losses.softmax_cross_entropy
     m, k, n = spec.matmul
@@ -346,6 +409,12 @@ def bench_point(spec: Spec, key, args):
         "autodiff_step": stepper("autodiff"),
     }
     pairs = [("manual_grad", "autodiff_grad"), ("manual_step", "autodiff_step")]
+    torch_fields = None
+    if peer_lib is not None:  # last in the round: the pairs keep following the light calls
+        thunk, torch_fields = torch_peer_thunk(peer_lib, spec, params, x, y,
+                                               *compiled["manual_grad"](params, x, y))
+        if thunk is not None:
+            thunks["torch_step"] = thunk
     # One untimed round warms every function up and sizes the number of timed rounds.
     one_round = sum(bench.time_call(t) for t in thunks.values())
     repeats = bench.repeats_for(one_round, args.budget, lo=args.min_repeats, hi=args.max_repeats)
@@ -367,6 +436,7 @@ def bench_point(spec: Spec, key, args):
 
     matmul_gflops = gflops(mm_flops, "matmul")
     step_gflops = {p: gflops(flops["step"], f"{p}_step") for p in grad_fns}
+    has_torch = "torch_step" in times
     # What the manual backward keeps (its forward's cache and the logits) against what
     # jax.vjp saves for its backward (residuals), traced, distinct arrays counted once.
     saved = {
@@ -390,10 +460,15 @@ def bench_point(spec: Spec, key, args):
         "time_s": time_stats,
         "ratio_step": bench.paired_ratios(times["manual_step"], times["autodiff_step"]),
         "ratio_grad": bench.paired_ratios(times["manual_grad"], times["autodiff_grad"]),
+        # None: no torch column (--peers none, PyTorch missing, or no peer for its layers)
+        "ratio_manual_vs_torch": (bench.paired_ratios(times["manual_step"], times["torch_step"])
+                                  if has_torch else None),
+        "torch": torch_fields,
         "gflops": {"forward": gflops(flops["forward"], "forward"),
                    "manual_grad": gflops(flops["step"], "manual_grad"),
                    "autodiff_grad": gflops(flops["step"], "autodiff_grad"),
                    **{f"{p}_step": g for p, g in step_gflops.items()},
+                   **({"torch_step": gflops(flops["step"], "torch_step")} if has_torch else {}),
                    "matmul": matmul_gflops},
         # step throughput against the point's own matrix product, timed in the same rounds
         "step_vs_matmul": {p: g / matmul_gflops for p, g in step_gflops.items()},
@@ -433,6 +508,14 @@ def summarize(points, peak) -> dict:
         "step_temp_manual_gt_autodiff_at": temp_larger("step"),
         "grad_temp_manual_gt_autodiff_at": temp_larger("grad"),
     }
+    # the PyTorch peer, over the points that have one (None: none has)
+    peered = [p for p in points if p.get("ratio_manual_vs_torch") is not None]
+    torch_ratios = np.array([p["ratio_manual_vs_torch"]["median"] for p in peered])
+    out["torch_points"] = len(peered)
+    out["ratio_manual_vs_torch_median"] = float(np.median(torch_ratios)) if peered else None
+    out["ratio_manual_vs_torch_max"] = float(torch_ratios.max()) if peered else None
+    out["torch_agreement_ok"] = (all(p["torch"]["agreement"]["ok"] for p in peered)
+                                 if peered else None)
     out["targets"] = {
         "ratio_median_le_1.00": out["ratio_step_median"] <= TARGETS["ratio_median_max"],
         "no_point_above_1.05": out["ratio_step_max"] <= TARGETS["ratio_point_max"],
@@ -447,11 +530,15 @@ def summarize(points, peak) -> dict:
 
 
 def _errorbars(ax, idx, stats, series, scale=1.0):
-    """Median with inter-quartile bars: ``stats[i][name]`` holds median, q25, q75."""
+    """Median with inter-quartile bars: ``stats[i][name]`` holds median, q25, q75; a point
+    without ``name`` gets no mark, a series no point has no legend entry."""
+    missing = {"median": math.nan, "q25": math.nan, "q75": math.nan}
     for name, marker, text in series:
-        med = np.array([st[name]["median"] for st in stats]) * scale
-        lo = med - np.array([st[name]["q25"] for st in stats]) * scale
-        hi = np.array([st[name]["q75"] for st in stats]) * scale - med
+        if not any(name in st for st in stats):
+            continue
+        med = np.array([st.get(name, missing)["median"] for st in stats]) * scale
+        lo = med - np.array([st.get(name, missing)["q25"] for st in stats]) * scale
+        hi = np.array([st.get(name, missing)["q75"] for st in stats]) * scale - med
         ax.errorbar(idx, med, yerr=[lo, hi], fmt=marker, capsize=2, label=text)
 
 
@@ -472,8 +559,10 @@ def plot(points, peak, out_dir, quick=False):
     fig, ax = plt.subplots(figsize=size)
     _errorbars(ax, idx, [p["time_s"] for p in points],
                [("manual_step", "o", "manual_step"), ("autodiff_step", "x", "autodiff_step"),
+                ("torch_step", "s", "torch_step (PyTorch eager)"),
                 ("forward", ".", "forward")], scale=1e3)
-    _finish(fig, ax, points, "Adam training step: hand-written backward vs jax.grad",
+    _finish(fig, ax, points, "Adam training step: hand-written backward vs jax.grad"
+            + (" vs PyTorch eager" if any("torch_step" in p["time_s"] for p in points) else ""),
             "median time per call (ms)", out_dir / "step_time.png", quick)
 
     fig, ax = plt.subplots(figsize=size)
@@ -503,6 +592,16 @@ def plot(points, peak, out_dir, quick=False):
             "memory_analysis().temp_size_in_bytes (MiB)", out_dir / "memory.png", quick)
 
 
+def peers_info(peers: str, peer_lib) -> dict:
+    """What results.json says of the peers: PyTorch's version, threads and optimizer, or why
+    its column is empty."""
+    if peers == "none":
+        return {}
+    if peer_lib is None:
+        return {"torch": {"available": False, "install": "pip install -e .[peers]"}}
+    return {"torch": {"available": True, **peer_lib.about()}}
+
+
 def measure_peak(grid, key, repeats):
     """float32 matmul GFLOP/s at the grid's largest layer shape (batch, width) @ (width, width)."""
     b, w = max(grid["batch"]), max(grid["width"])
@@ -515,6 +614,7 @@ def main(argv=None):
     start = time.perf_counter()
     key = jax.random.key(args.seed)
     k_peak, k_grid = jax.random.split(key)
+    peer_lib = load_torch_peer(args.peers, args.torch_threads)
     peak_repeats = 3 if args.quick else 10
     peak_start = measure_peak(args.grid, k_peak, peak_repeats)
     points = []
@@ -522,7 +622,7 @@ def main(argv=None):
                disable=not cli.show_progress(args))
     for i, spec in enumerate(bar):
         bar.set_postfix_str(spec.label)
-        points.append(bench_point(spec, jax.random.fold_in(k_grid, i), args))
+        points.append(bench_point(spec, jax.random.fold_in(k_grid, i), args, peer_lib))
     bar.close()
     peak_end = measure_peak(args.grid, k_peak, peak_repeats)
     # The same product is also timed inside the rounds of every point of that shape. On a
@@ -545,7 +645,7 @@ def main(argv=None):
                    else None,
                    "points": args.points,
                    "seed": args.seed,
-                   "quick": args.quick, "budget_s": args.budget,
+                   "quick": args.quick, "budget_s": args.budget, "peers": args.peers,
                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                    "n_classes": N_CLASSES, "optimizer": "optax.adam(1e-3)",
                    "dtype": "float32", "step_donates": "params, opt_state",
@@ -554,6 +654,7 @@ def main(argv=None):
                              "attention": "counted by hand: the matrix products (step_flops)",
                              "cnn": "XLA's compiled.cost_analysis()['flops'] (forward; "
                                     "autodiff_grad for gradients and steps)"}},
+        "peers": peers_info(args.peers, peer_lib),
         "peak_matmul": peak,
         "product_forms_gflops": forms,
         "summary": summary,
@@ -564,7 +665,7 @@ def main(argv=None):
     write_json(args.out / "results.json", results)
     plot(points, peak, args.out, args.quick)
     write_atomic(args.out / "table.md", lambda f: f.write(markdown(results).encode()))
-    print_table(points, summary, peak)
+    print_table(points, summary, peak, results["peers"])
     print(f"wrote {args.out / 'results.json'} and plots in {time.perf_counter() - start:.0f} s")
 
 
@@ -584,41 +685,79 @@ def summary_lines(family, s, peak) -> list[str]:
             f"{s['largest_autodiff_step_gflops']:.1f} GFLOP/s; measured float32 matmul peak "
             f"{peak['gflops']:.1f} GFLOP/s ({'×'.join(map(str, peak['shape']))}), so "
             f"{100 * s['largest_manual_step_peak_fraction']:.0f}% of peak. Targets: "
-            + ", ".join(f"{k} {v}" for k, v in s["targets"].items()) + "."]
+            + ", ".join(f"{k} {v}" for k, v in s["targets"].items()) + "."] + ([
+            f"{family.upper()} step ratio manual/PyTorch eager: median "
+            f"{s['ratio_manual_vs_torch_median']:.3f}, max {s['ratio_manual_vs_torch_max']:.3f} "
+            f"({s['torch_points']} of {s['n_points']} points); PyTorch's loss and gradients "
+            f"agree with jbp's: {s['torch_agreement_ok']}."] if s.get("torch_points") else [])
+
+
+def torch_cells(point) -> tuple[str, str, str]:
+    """A point's PyTorch column as text: step ms, paired ratio manual/torch, the largest
+    relative gradient error of the agreement check (✗: over its tolerance); "—" for each
+    where the point has no PyTorch step."""
+    ratio = point.get("ratio_manual_vs_torch")
+    if ratio is None:
+        return (DASH,) * 3
+    agreement = point["torch"]["agreement"]
+    return (f"{point['time_s']['torch_step']['median'] * 1e3:.2f}", f"{ratio['median']:.3f}",
+            f"{agreement['max_rel_grad_err']:.1e}{'' if agreement['ok'] else ' ✗'}")
+
+
+def peers_line(peers: dict) -> str | None:
+    """One sentence on what the PyTorch column ran (None: --peers none)."""
+    torch_info = peers.get("torch")
+    if torch_info is None:
+        return None
+    if not torch_info["available"]:
+        return f"PyTorch column: PyTorch is not installed ({torch_info['install']})."
+    return (f"PyTorch column: torch {torch_info['torch']}, {torch_info['mode']}, "
+            f"{torch_info['threads']} threads, {torch_info['optimizer']}; manual/torch is the "
+            f"paired per-round ratio of the step times (below 1: jbp's manual step is faster).")
 
 
 def markdown(results) -> str:
     """The per-point table and the summary per family of a results.json, as Markdown."""
     peak = results["peak_matmul"]
-    lines = ["| point | step ms manual | step ms autodiff | step ratio (IQR) | grad ratio | "
+    lines = ["| point | step ms manual | step ms autodiff | step ms torch | step ratio (IQR) | "
+             "grad ratio | manual/torch | torch grad rel err | "
              "GFLOP/s manual step | step / own matmul | step temp MiB manual | "
              "step temp MiB autodiff | grad temp MiB manual | grad temp MiB autodiff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in results["points"]:
         r, t = p["ratio_step"], p["time_s"]
+        torch_ms, torch_ratio, torch_err = torch_cells(p)
         mem = " | ".join(f"{temp_mib(p, f'{path}_{kind}'):.2f}" for kind in ("step", "grad")
                          for path in ("manual", "autodiff"))
         lines.append(f"| {p['label']} | {t['manual_step']['median'] * 1e3:.2f} | "
-                     f"{t['autodiff_step']['median'] * 1e3:.2f} | {r['median']:.3f} "
+                     f"{t['autodiff_step']['median'] * 1e3:.2f} | {torch_ms} | {r['median']:.3f} "
                      f"({r['q25']:.2f}–{r['q75']:.2f}) | {p['ratio_grad']['median']:.3f} | "
+                     f"{torch_ratio} | {torch_err} | "
                      f"{p['gflops']['manual_step']:.1f} | {p['step_vs_matmul']['manual']:.2f} | "
                      f"{mem} |")
+    if peers_line(results.get("peers", {})):
+        lines += ["", peers_line(results["peers"])]
     for family, s in results["summary"].items():
         lines += [""] + summary_lines(family, s, peak)
     return "\n".join(lines) + "\n"
 
 
-def print_table(points, summary, peak):
-    head = (f"{'point':<32}{'step ms man':>12}{'step ms auto':>13}{'ratio':>7}{'grad ratio':>11}"
-            f"{'GF/s man':>9}{'temp MiB man':>13}{'temp MiB auto':>14}")
+def print_table(points, summary, peak, peers=None):
+    head = (f"{'point':<32}{'step ms man':>12}{'step ms auto':>13}{'ms torch':>10}{'ratio':>7}"
+            f"{'grad ratio':>11}{'man/torch':>10}{'GF/s man':>9}{'temp MiB man':>13}"
+            f"{'temp MiB auto':>14}")
     print(head)
     print("-" * len(head))
     for p in points:
+        torch_ms, torch_ratio, _ = torch_cells(p)
         print(f"{p['label']:<32}{p['time_s']['manual_step']['median'] * 1e3:>12.3f}"
-              f"{p['time_s']['autodiff_step']['median'] * 1e3:>13.3f}"
+              f"{p['time_s']['autodiff_step']['median'] * 1e3:>13.3f}{torch_ms:>10}"
               f"{p['ratio_step']['median']:>7.3f}{p['ratio_grad']['median']:>11.3f}"
+              f"{torch_ratio:>10}"
               f"{p['gflops']['manual_step']:>9.1f}{temp_mib(p, 'manual_step'):>13.2f}"
               f"{temp_mib(p, 'autodiff_step'):>14.2f}")
+    if peers_line(peers or {}):
+        print(peers_line(peers))
     for family, s in summary.items():
         print(*summary_lines(family, s, peak))
 

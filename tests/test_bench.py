@@ -3,7 +3,9 @@
 Nothing here asserts a wall-clock time: timings are only checked for shape and sign.
 """
 
+import importlib.util
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,20 @@ def test_sequence_specs_build_the_issue_models():
         script.rnn_spec("transformer", 1, 1, 1, 1)
 
 
+def test_without_pytorch_the_column_is_a_dash_and_the_hint_says_how(monkeypatch, capsys):
+    script = load_script("benchmark")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert script.load_torch_peer("torch") is None
+    assert "pip install -e .[peers]" in capsys.readouterr().err
+    assert script.load_torch_peer("none") is None and capsys.readouterr().err == ""
+    assert script.torch_cells({"ratio_manual_vs_torch": None, "torch": None}) == ("—",) * 3
+    assert "not installed" in script.peers_line(script.peers_info("torch", None))
+    assert script.peers_info("none", None) == {} and script.peers_line({}) is None
+    assert script.parse_args(["--peers", "none"]).peers == "none"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--peers", "jax"])
+
+
 def test_xla_counts_conv_flops_of_real_taps():
     # What the CNN points' GFLOP/s rest on: cost_analysis() reports a convolution's FLOPs
     # on CPU: 2 per multiply-add of the kernel taps that meet real input ("SAME" padding
@@ -192,7 +208,12 @@ def test_xla_counts_conv_flops_of_real_taps():
         assert flops == 2 * batch * taps * c * o + batch * positions * o, padding
 
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
 def test_quick_run_writes_results_and_plots(tmp_path):
+    """Where PyTorch is installed, with its column (one eager step per point, checked
+    against jbp's gradients); without it (CI), with "—" in its place."""
     out = tmp_path / "bench"
     run_main("benchmark", ["--quick", "--out", out])
     for png in ("step_time.png", "ratio.png", "gflops.png", "memory.png", "table.md"):
@@ -216,11 +237,23 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert families == ["mlp"] * n_mlp + ["cnn", "rnn", "attention"]  # one tiny point each
     assert [len(config["points"][f]) for f in ("cnn", "rnn", "attention")] == [1, 1, 1]
     table = (out / "table.md").read_text()
+    assert results["config"]["peers"] == "torch"
+    assert results["peers"]["torch"]["available"] is HAS_TORCH
     for point in results["points"]:
         assert f"| {point['label']} |" in table
         assert set(point["time_s"]) == {"forward", "manual_grad", "autodiff_grad",
-                                        "manual_step", "autodiff_step", "matmul"}
-        assert set(point["compile_s"]) == set(point["time_s"])
+                                        "manual_step", "autodiff_step", "matmul",
+                                        *(["torch_step"] if HAS_TORCH else [])}
+        assert set(point["compile_s"]) == set(point["time_s"]) - {"torch_step"}
+        if HAS_TORCH:  # every quick point has a peer, which agrees with jbp
+            assert point["torch"]["agreement"]["ok"], point["torch"]
+            assert len(point["ratio_manual_vs_torch"]["ratios"]) == point["repeats"]
+            assert point["gflops"]["torch_step"] > 0
+        else:
+            assert point["torch"] is None and point["ratio_manual_vs_torch"] is None
+            row = next(line for line in table.splitlines()
+                       if line.startswith(f"| {point['label']} |"))
+            assert [c.strip() for c in row.split("|")].count("—") == 3  # ms, ratio, error
         for key in ("ratio_step", "ratio_grad"):
             assert len(point[key]["ratios"]) == point["repeats"]
             assert point[key]["median"] > 0
