@@ -36,9 +36,13 @@ points come in four families (``--models``, all by default):
   ``lax.scan``) against jax.grad of the forward scan. The own product is the recurrent
   ``(B, H) @ (H, G·H)`` (G gate blocks), the one the scan runs once per step.
 * ``attention``: dense(256) -> ``jbp.attention(4 heads, 64)`` (blocks of 128 keys) ->
-  the mean over T -> dense(10), batch 4, T 512 and 1024, 32 input features: the blocked
-  backward (probabilities recomputed from each row's max and normaliser) against jax.grad of the blocked
-  forward. The own product is one projection, ``(B·T, 256) @ (256, 256)``.
+  the mean over T -> dense(10), batch 4, 32 input features: T 512 and 1024 unmasked
+  (``attn``), and T 1024, 2048 and 4096 under a causal mask (``causal``, a decoder's
+  self-attention): the blocked backward (probabilities recomputed from each row's max and
+  normaliser) against jax.grad of the blocked forward. The own product is one projection,
+  ``(B·T, 256) @ (256, 256)``. Each attention point also compiles (not times) the same
+  network with ``jax.nn.dot_product_attention`` under jax.grad, for its temporary memory
+  (``jax_nn_reference``).
 
   FLOPs of both are counted by hand (:func:`jbp.bench.step_flops`, the matrix products:
   three per forward product, less the data gradient), not taken from XLA, whose
@@ -113,6 +117,8 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 # dense(heads·head_dim) -> attention -> mean over T -> dense(10)
 ATTENTIONS = {f"attn{t}": {"batch": 4, "steps": t, "features": 32, "heads": 4, "head_dim": 64,
                            "block_size": 128} for t in (512, 1024)}
+ATTENTIONS |= {f"causal{t}": {**ATTENTIONS["attn512"], "steps": t, "causal": True}
+               for t in (1024, 2048, 4096)}  # a decoder's self-attention
 QUICK_ATTENTIONS = {"attn": {"batch": 2, "steps": 8, "features": 4, "heads": 2, "head_dim": 4,
                              "block_size": 8}}
 POINTS = {"cnn": (CNNS, QUICK_CNNS), "rnn": (RNNS, QUICK_RNNS),
@@ -290,20 +296,24 @@ def rnn_spec(name, batch, steps, features, hidden) -> Spec:
                  "hidden": hidden, "model_repr": repr(model)})
 
 
-def attention_spec(name, batch, steps, features, heads, head_dim, block_size) -> Spec:
+def attention_spec(name, batch, steps, features, heads, head_dim, block_size,
+                   causal=False) -> Spec:
     """dense(heads·head_dim) -> jbp.attention -> global average over T -> dense(10). Its own
-    product is one of the attention layer's projections, ``(B·T, d) @ (d, d)``."""
+    product is one of the attention layer's projections, ``(B·T, d) @ (d, d)``. Under a
+    causal mask ``q kᵀ`` and ``p v`` are counted for the ``T(T+1)/2`` pairs it keeps."""
     d, bt = heads * head_dim, batch * steps
-    model = jbp.serial(jbp.dense(d), jbp.attention(heads, head_dim, block_size=block_size),
+    model = jbp.serial(jbp.dense(d), jbp.attention(heads, head_dim, causal=causal,
+                                                   block_size=block_size),
                        jbp.global_avg_pool(), jbp.dense(N_CLASSES))
+    keys = (steps + 1) / 2 if causal else steps  # keys per query, on average
     products = [(bt, features, d), *[(bt, d, d)] * 3,       # in-projection; q, k, v
-                *[(batch * heads * steps, head_dim, steps)] * 2,  # q kᵀ and p v, every head
+                *[(batch * heads * steps, head_dim, keys)] * 2,  # q kᵀ and p v, every head
                 (bt, d, d), (batch, d, N_CLASSES)]          # output projection; head
     return Spec(f"{name} B{batch} T{steps} H{heads}x{head_dim}", "attention", model,
                 (steps, features), batch, (bt, d, d), bench.step_flops(products),
                 {"name": name, "batch": batch, "steps": steps, "features": features,
                  "heads": heads, "head_dim": head_dim, "block_size": block_size,
-                 "model_repr": repr(model)})
+                 "causal": causal, "model_repr": repr(model)})
 
 
 SPEC_OF = {"cnn": cnn_spec, "rnn": rnn_spec, "attention": attention_spec}
@@ -318,6 +328,34 @@ def specs(args) -> list[Spec]:
     for family in MODELS:
         out += [SPEC_OF[family](name, **cfg) for name, cfg in args.points.get(family, {}).items()]
     return out
+
+
+def jax_nn_reference(spec: Spec, params, x, y, optimizer) -> dict:
+    """An attention point's network with ``jax.nn.dot_product_attention`` in place of
+    jbp.attention, differentiated by jax.grad (what a JAX user writes without jbp): its
+    compiled Adam step's temporary memory, and its loss at ``params`` against jbp's. Compiled
+    only, not timed."""
+    heads, dh, causal = (spec.fields[k] for k in ("heads", "head_dim", "causal"))
+    loss = jbp.losses.softmax_cross_entropy
+
+    def apply(p, x):
+        p_in, p_att, _, p_out = p
+        h = x @ p_in["W"] + p_in["b"]
+
+        def project(name):
+            return (h @ p_att[name]["W"] + p_att[name].get("b", 0)).reshape(
+                *h.shape[:2], heads, dh)
+        o = jax.nn.dot_product_attention(project("q"), project("k"), project("v"),
+                                         is_causal=causal)
+        z = o.reshape(h.shape) @ p_att["o"]["W"] + p_att["o"]["b"]
+        return jnp.mean(z, axis=1) @ p_out["W"] + p_out["b"]
+
+    def value_and_grad(p, x, y):
+        return jax.value_and_grad(lambda q: loss.value(apply(q, x), y))(p)
+    compiled, compile_s = bench.compile_timed(adam_step(value_and_grad, optimizer), params,
+                                              optimizer.init(params), x, y)
+    return {"step_memory": bench.compiled_stats(compiled)["memory"], "compile_s": compile_s,
+            "loss": float(jax.jit(lambda p: loss.value(apply(p, x), y))(params))}
 
 
 def load_torch_peer(peers: str, threads: int | None = None):
@@ -409,6 +447,8 @@ def bench_point(spec: Spec, key, args, peer_lib=None):
         "autodiff_step": stepper("autodiff"),
     }
     pairs = [("manual_grad", "autodiff_grad"), ("manual_step", "autodiff_step")]
+    reference = (jax_nn_reference(spec, params, x, y, optimizer)
+                 if spec.family == "attention" else None)
     torch_fields = None
     if peer_lib is not None:  # last in the round: the pairs keep following the light calls
         thunk, torch_fields = torch_peer_thunk(peer_lib, spec, params, x, y,
@@ -464,6 +504,8 @@ def bench_point(spec: Spec, key, args, peer_lib=None):
         "ratio_manual_vs_torch": (bench.paired_ratios(times["manual_step"], times["torch_step"])
                                   if has_torch else None),
         "torch": torch_fields,
+        # attention only: jax.grad through jax.nn.dot_product_attention (compiled, not timed)
+        "jax_nn_reference": reference,
         "gflops": {"forward": gflops(flops["forward"], "forward"),
                    "manual_grad": gflops(flops["step"], "manual_grad"),
                    "autodiff_grad": gflops(flops["step"], "autodiff_grad"),
@@ -716,6 +758,22 @@ def peers_line(peers: dict) -> str | None:
             f"paired per-round ratio of the step times (below 1: jbp's manual step is faster).")
 
 
+def reference_lines(points) -> list[str]:
+    """Per attention point: the manual step's temporary memory against that of jax.grad
+    through ``jax.nn.dot_product_attention`` (the network's loss the same at init)."""
+    lines = []
+    for p in points:
+        ref = p.get("jax_nn_reference")
+        if ref is None or "temp_bytes" not in ref["step_memory"]:
+            continue
+        ref_mib = ref["step_memory"]["temp_bytes"] / 2**20
+        lines.append(f"{p['label']}: manual step temp {temp_mib(p, 'manual_step'):.1f} MiB, "
+                     f"{temp_mib(p, 'manual_step') / ref_mib:.3f} of jax.grad through "
+                     f"jax.nn.dot_product_attention ({ref_mib:.1f} MiB; its loss at init "
+                     f"{ref['loss']:.6f}).")
+    return lines
+
+
 def markdown(results) -> str:
     """The per-point table and the summary per family of a results.json, as Markdown."""
     peak = results["peak_matmul"]
@@ -737,6 +795,8 @@ def markdown(results) -> str:
                      f"{mem} |")
     if peers_line(results.get("peers", {})):
         lines += ["", peers_line(results["peers"])]
+    if reference_lines(results["points"]):
+        lines += [""] + reference_lines(results["points"])
     for family, s in results["summary"].items():
         lines += [""] + summary_lines(family, s, peak)
     return "\n".join(lines) + "\n"
@@ -758,6 +818,7 @@ def print_table(points, summary, peak, peers=None):
               f"{temp_mib(p, 'autodiff_step'):>14.2f}")
     if peers_line(peers or {}):
         print(peers_line(peers))
+    print(*reference_lines(points), sep="\n")
     for family, s in summary.items():
         print(*summary_lines(family, s, peak))
 
