@@ -117,8 +117,11 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 # dense(heads·head_dim) -> attention -> mean over T -> dense(10)
 ATTENTIONS = {f"attn{t}": {"batch": 4, "steps": t, "features": 32, "heads": 4, "head_dim": 64,
                            "block_size": 128} for t in (512, 1024)}
-ATTENTIONS |= {f"causal{t}": {**ATTENTIONS["attn512"], "steps": t, "causal": True}
-               for t in (1024, 2048, 4096)}  # a decoder's self-attention
+# a decoder's self-attention; blocks per T: the fastest of 128, 256 and 512 keys for the
+# forward plus backward of the causal core, scripts/time_attention_blocks.py
+ATTENTIONS |= {f"causal{t}": {**ATTENTIONS["attn512"], "steps": t, "causal": True,
+                              "block_size": block}
+               for t, block in ((1024, 256), (2048, 256), (4096, 512))}
 QUICK_ATTENTIONS = {"attn": {"batch": 2, "steps": 8, "features": 4, "heads": 2, "head_dim": 4,
                              "block_size": 8}}
 POINTS = {"cnn": (CNNS, QUICK_CNNS), "rnn": (RNNS, QUICK_RNNS),

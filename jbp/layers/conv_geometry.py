@@ -301,6 +301,39 @@ def _kernel_grad_pads(geo: Window):
 
 
 def kernel_grad(a, delta, geo: Window, groups: int):
+    """∂C/∂W, ``(*size, C/groups, O)``: :func:`kernel_grad_by_taps` for a 2-D or 3-D kernel
+    of one group, else :func:`kernel_grad_by_conv`. Measured by
+    ``scripts/time_conv_kernel_grad.py`` (XLA:CPU, 2 cores): at cnn2d's 64→64 3×3 layer (B 128,
+    32×32) the convolution form took 1586 ms (6.1 GFLOP/s), the taps 219 ms (44.0), same
+    temporary memory; at cnn1d's 32→32 layer (kernel 5, B 100, 40) the convolution form
+    won, 0.9 against 1.2 ms."""
+    if groups == 1 and len(geo.size) > 1:
+        return kernel_grad_by_taps(a, delta, geo)
+    return kernel_grad_by_conv(a, delta, geo, groups)
+
+
+def kernel_grad_by_taps(a, delta, geo: Window):
+    """∂C/∂W of one group as one product per kernel tap: ``∂C/∂W[j] = Σ_batch Σ_positions
+    tap_slice(a, j)ᵀ δ``, ``(B·positions, C)ᵀ @ (B·positions, O)``, in a ``lax.scan`` over the
+    taps so that one tap's slice of the input is alive at a time (a Python loop let XLA
+    hold all of them: 292 MiB against 64 at the layer above)."""
+    padded = pad_spatial(a, geo)
+    c, o = a.shape[-1], delta.shape[-1]
+    delta = delta.reshape(-1, o)
+    starts = jnp.asarray([[0, *(j * d for j, d in zip(tap, geo.dilation)), 0]
+                          for tap in geo.taps], jnp.int32)  # batch, *spatial, channel
+    extent = [(m - 1) * s + 1 for m, s in zip(geo.out_size, geo.stride)]
+
+    def tap_product(_, start):
+        rows = lax.dynamic_slice(padded, list(start), (padded.shape[0], *extent, c))
+        rows = lax.slice(rows, [0] * rows.ndim, rows.shape, [1, *geo.stride, 1])
+        return None, rows.reshape(-1, c).T @ delta
+
+    _, per_tap = lax.scan(tap_product, None, starts)
+    return per_tap.reshape(*geo.size, c, o)
+
+
+def kernel_grad_by_conv(a, delta, geo: Window, groups: int):
     """∂C/∂W as a convolution of the input with the delta: ``(*size, C/groups, O)``.
 
     ∂C/∂W[j, c, o] = Σ_batch Σ_positions a_pad[p·s + j·d, c]·δ[p, o]: slide the *delta* over
