@@ -611,3 +611,27 @@ def test_gram_path_norms_are_never_negative_and_as_accurate_as_vmap_grad():
     assert np.max(err) <= 2 * np.max(vmap_err) + 1e-6, (np.max(err), np.max(vmap_err))
     clipped, _ = jbp.clipped_grad_mean(layer, mse, 1.0)(params, x32, y32)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(clipped))
+
+
+@pytest.mark.parametrize("in_size, kernel, stride, dilation, padding", [
+    ((7, 6), (3, 2), (2, 3), (1, 2), ((1, 2), (0, 3))),  # strides skip rows at the back
+    ((6, 5), 2, 1, 2, "SAME"),                             # dilated, stride 1
+    ((9,), 3, 2, 1, "VALID"),                              # 1-D (conv uses the convolution)
+])
+def test_kernel_grad_per_tap_equals_the_convolution_form(in_size, kernel, stride, dilation,
+                                                         padding):
+    """The two forms of ∂C/∂W (one product per tap in a scan; one convolution of the input
+    with the delta) agree in float64 on geometries with stride, dilation and asymmetric
+    padding; kernel_grad picks the taps for 2-D kernels of one group."""
+    geo = convmod.window(in_size, kernel, stride, dilation, convmod.padding_arg(padding, "test"),
+                         "test")
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(len(in_size))
+        a = jnp.asarray(rng.normal(size=(3, *in_size, 4)))
+        delta = jnp.asarray(rng.normal(size=(3, *geo.out_size, 5)))
+        taps = jax.jit(lambda a, d: convmod.kernel_grad_by_taps(a, d, geo))(a, delta)
+        conv = jax.jit(lambda a, d: convmod.kernel_grad_by_conv(a, d, geo, 1))(a, delta)
+        assert taps.shape == (*geo.size, 4, 5)
+        assert rel_err(taps, conv) <= 1e-12
+        jaxpr = jax.make_jaxpr(lambda a, d: convmod.kernel_grad(a, d, geo, 1))(a, delta)
+    assert any(e.primitive.name == "scan" for e in jaxpr.eqns) == (len(in_size) > 1)

@@ -105,6 +105,25 @@ def test_a_wrong_mapping_is_caught(name, corrupt, param):
     assert not result["ok"] and result["max_rel_grad_err"] > 1e-2, result
 
 
+def test_the_float64_witness_passes_the_right_mapping_and_catches_a_wrong_one():
+    """With jbp's float64 gradient as the witness (what the benchmark asks for when two
+    float32 gradients differ by more than rtol), the right module still passes and a
+    transposed weight still fails."""
+    model, in_shape, params, x, y, loss, grads = point("mlp")
+    with jax.enable_x64(True):
+        exact = jbp.manual_value_and_grad(model, jbp.losses.softmax_cross_entropy)(
+            jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params),
+            x.astype(jnp.float64), y)[1]
+    for corrupt, ok in ((None, True), (_transpose("2.weight"), False)):
+        peer = tp.peer_of(model, in_shape, params)
+        if corrupt is not None:
+            with torch.no_grad():
+                corrupt(dict(peer.module.named_parameters()))
+        result = tp.agreement(peer, tp.torch_input(peer, x), tp.torch_labels(y), loss, grads,
+                              grads_exact=exact)
+        assert result["ok"] == ok and result["exact"]["jbp_max_err"] < 1e-5, result
+
+
 def test_flatten_needs_the_permuted_dense_rows():
     # jbp flattens (H, W, C), PyTorch's channels-first (C, H, W): the dense layer's weight
     # without its columns permuted fails the check

@@ -301,8 +301,8 @@ def _kernel_grad_pads(geo: Window):
 
 
 def kernel_grad(a, delta, geo: Window, groups: int):
-    """∂C/∂W, ``(*size, C/groups, O)``: :func:`kernel_grad_by_taps` for a 2-D or 3-D kernel
-    of one group, else :func:`kernel_grad_by_conv`. Measured by
+    """∂C/∂W, ``(*size, C/groups, O)``: :func:`kernel_grad_by_taps` for a 2-D kernel of one
+    group, else :func:`kernel_grad_by_conv`. Measured by
     ``scripts/time_conv_kernel_grad.py`` (XLA:CPU, 2 cores): at cnn2d's 64→64 3×3 layer (B 128,
     32×32) the convolution form took 1586 ms (6.1 GFLOP/s), the taps 219 ms (44.0), same
     temporary memory; at cnn1d's 32→32 layer (kernel 5, B 100, 40) the convolution form
