@@ -167,6 +167,10 @@ def parse_args(argv=None):
     parser.add_argument("--min-repeats", type=int, default=None,
                         help="timed rounds at least, however slow (default 5, quick 3)")
     parser.add_argument("--max-repeats", type=int, default=200, help="timed rounds at most")
+    parser.add_argument("--xla-options", choices=list(bench.XLA_OPTIONS), default="default",
+                        help="XLA compile options of every function a point times, both "
+                        "gradients alike (jbp.bench.XLA_OPTIONS; ynn: XLA:CPU's YNNPACK path, "
+                        "CPU only)")
     parser.add_argument("--peers", choices=PEERS, default="torch",
                         help="other frameworks timed beside jbp: torch (an eager PyTorch "
                         "step, where PyTorch is installed: pip install -e .[peers]) or none")
@@ -195,6 +199,9 @@ def parse_args(argv=None):
             grid["activation"] = tuple(a.strip() for a in args.activation.split(","))
             for a in grid["activation"]:
                 jbp.activations.get(a)  # ValueError naming the valid ones
+        if args.xla_options == "ynn" and args.platform not in (None, "cpu"):
+            raise ValueError(f"--xla-options ynn: an XLA:CPU option, not for --platform "
+                             f"{args.platform}")
         if args.torch_threads is not None and args.torch_threads < 1:
             raise ValueError(f"--torch-threads: expected a positive int, got {args.torch_threads}")
         if args.budget is not None and not args.budget > 0:
@@ -333,7 +340,7 @@ def specs(args) -> list[Spec]:
     return out
 
 
-def jax_nn_reference(spec: Spec, params, x, y, optimizer) -> dict:
+def jax_nn_reference(spec: Spec, params, x, y, optimizer, options=None) -> dict:
     """An attention point's network with ``jax.nn.dot_product_attention`` in place of
     jbp.attention, differentiated by jax.grad (what a JAX user writes without jbp): its
     compiled Adam step's temporary memory, and its loss at ``params`` against jbp's. Compiled
@@ -356,7 +363,8 @@ def jax_nn_reference(spec: Spec, params, x, y, optimizer) -> dict:
     def value_and_grad(p, x, y):
         return jax.value_and_grad(lambda q: loss.value(apply(q, x), y))(p)
     compiled, compile_s = bench.compile_timed(adam_step(value_and_grad, optimizer), params,
-                                              optimizer.init(params), x, y)
+                                              optimizer.init(params), x, y,
+                                              compiler_options=options)
     return {"step_memory": bench.compiled_stats(compiled)["memory"], "compile_s": compile_s,
             "loss": float(jax.jit(lambda p: loss.value(apply(p, x), y))(params))}
 
@@ -425,17 +433,22 @@ def bench_point(spec: Spec, key, args, peer_lib=None):
                 "autodiff": jbp.autodiff_value_and_grad(model, loss)}
 
     compiled, compile_s, stats = {}, {}, {}
-    compiled["forward"], compile_s["forward"] = bench.compile_timed(model.apply, params, x)
+    options = bench.XLA_OPTIONS[args.xla_options]
+    compiled["forward"], compile_s["forward"] = bench.compile_timed(model.apply, params, x,
+                                                                    compiler_options=options)
     states = {}
     for name, grad_fn in grad_fns.items():
-        c, compile_s[f"{name}_grad"] = bench.compile_timed(grad_fn, params, x, y)
+        c, compile_s[f"{name}_grad"] = bench.compile_timed(grad_fn, params, x, y,
+                                                           compiler_options=options)
         compiled[f"{name}_grad"] = c
         state = fresh_state(params)
         c, compile_s[f"{name}_step"] = bench.compile_timed(
-            adam_step(grad_fn, optimizer), *state, x, y, donate_argnums=(0, 1))
+            adam_step(grad_fn, optimizer), *state, x, y, donate_argnums=(0, 1),
+            compiler_options=options)
         compiled[f"{name}_step"] = c
         states[name] = state
-    compiled["matmul"], compile_s["matmul"] = bench.compile_timed(jnp.matmul, a_mm, w_mm)
+    compiled["matmul"], compile_s["matmul"] = bench.compile_timed(jnp.matmul, a_mm, w_mm,
+                                                                  compiler_options=options)
     for name in FUNCS:
         stats[name] = bench.compiled_stats(compiled[name])
 
@@ -457,7 +470,7 @@ def bench_point(spec: Spec, key, args, peer_lib=None):
         "autodiff_step": stepper("autodiff"),
     }
     pairs = [("manual_grad", "autodiff_grad"), ("manual_step", "autodiff_step")]
-    reference = (jax_nn_reference(spec, params, x, y, optimizer)
+    reference = (jax_nn_reference(spec, params, x, y, optimizer, options)
                  if spec.family == "attention" else None)
     torch_fields = None
     if peer_lib is not None:  # last in the round: the pairs keep following the light calls
@@ -697,7 +710,8 @@ def main(argv=None):
                    else None,
                    "points": args.points,
                    "seed": args.seed,
-                   "quick": args.quick, "budget_s": args.budget, "peers": args.peers,
+                   "quick": args.quick, "budget_s": args.budget,
+                   "xla_options": {args.xla_options: bench.XLA_OPTIONS[args.xla_options]}, "peers": args.peers,
                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                    "n_classes": N_CLASSES, "optimizer": "optax.adam(1e-3)",
                    "dtype": "float32", "step_donates": "params, opt_state",

@@ -27,7 +27,9 @@ from jbp.train import _epoch_plan, make_epoch, make_grad_fn, make_optimizer, mak
 
 # name -> XLA compile options for the epoch (jax.jit(..., compiler_options=...))
 SETTINGS = {"default": {}, "eigen-1-thread": {"xla_cpu_multi_thread_eigen": False},
-            "xnnpack": {"xla_cpu_use_xnnpack": True}, "onednn": {"xla_cpu_use_onednn": True}}
+            "xnnpack": {"xla_cpu_use_xnnpack": True}, "onednn": {"xla_cpu_use_onednn": True},
+            "ynn-eltwise": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"},
+            "ynn-dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}
 
 
 def main():
