@@ -175,15 +175,20 @@ def _leaves(layer):
     return [layer] if not layer.layers else [leaf for c in layer.layers for leaf in _leaves(c)]
 
 
-def _sequence(children, shape, state):
+def _sequence(children, shape, state, prefix="", side_by_side=False):
+    """The children's modules, the shape and state after them, and their joint param map
+    (PyTorch names ``{prefix}{i}.…``); ``side_by_side``: each child takes ``shape`` and
+    ``state`` (a parallel's branches), else each takes the one before's output."""
     modules, maps = [], []
     for child in children:
-        m, shape, state, f = _build(child, shape, state)
+        m, out, new_state, f = _build(child, shape, state)
         modules.append(m)
         maps.append(f)
+        if not side_by_side:
+            shape, state = out, new_state
 
     def mapping(params, grads):
-        return {f"{i}.{k}": v for i, (f, p) in enumerate(zip(maps, params))
+        return {f"{prefix}{i}.{k}": v for i, (f, p) in enumerate(zip(maps, params))
                 for k, v in f(p, grads).items()}
     return modules, shape, state, mapping
 
@@ -257,15 +262,8 @@ def _build(layer, shape, state):
             perm = np.moveaxis(np.arange(math.prod(shape)).reshape(shape), -1, 0).ravel()
         return nn.Flatten(), new_shape, (cf, perm), lambda p, g: {}
     if kind == "parallel":
-        branches, maps = [], []
-        for child in layer.layers:
-            m, _, _, f = _build(child, shape, state)
-            branches.append(m)
-            maps.append(f)
-
-        def branch_map(params, grads):
-            return {f"branches.{i}.{k}": v for i, (f, p) in enumerate(zip(maps, params))
-                    for k, v in f(p, grads).items()}
+        branches, _, _, branch_map = _sequence(layer.layers, shape, state, "branches.",
+                                               side_by_side=True)
         return (Branches(branches, args["combine"], 1 if cf else -1), new_shape, state,
                 branch_map)
     if kind in ("rnn", "gru", "lstm"):
