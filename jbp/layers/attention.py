@@ -243,10 +243,10 @@ def _triangle(n_blocks: int):
     return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
 
 
-def _pad_rows(a, rows: int, value=0):
-    """``a (B, H, T, ...)`` padded with ``value`` to ``rows`` rows along axis 2."""
+def _pad_rows(a, rows: int):
+    """``a (B, H, T, ...)`` padded with zeros (False) to ``rows`` rows along axis 2."""
     pad = [(0, 0), (0, 0), (0, rows - a.shape[2])] + [(0, 0)] * (a.ndim - 3)
-    return jnp.pad(a, pad, constant_values=value)
+    return jnp.pad(a, pad)
 
 
 def _rows(a, i, block: int):
@@ -262,7 +262,8 @@ def _add_rows(a, i, block: int, update):
 def _pair_scores(q, k, i, j, block: int, key_mask, mask):
     """``q_i k_jᵀ (B, H, block, block)`` for query block ``i`` and key block ``j``, keys
     after their query and masked keys at −∞; ``q`` (already scaled by ``c``), ``k`` (B, H,
-    rows, Dh) padded to whole blocks, ``key_mask (B, rows)``, ``mask (B, 1 or H, rows, rows)`` likewise or None."""
+    rows, Dh) padded to whole blocks, ``key_mask (B, rows)`` and ``mask (B, 1 or H, rows,
+    rows)`` likewise, or None."""
     s = jnp.einsum("bhqd,bhkd->bhqk", _rows(q, i, block), _rows(k, j, block))
     pos = jnp.arange(block)
     keep = (j * block + pos)[None, :] <= (i * block + pos)[:, None]
