@@ -58,8 +58,9 @@ last in every round, after the manual/autodiff pair, so that pair keeps followin
 light call; its paired ratio is ``ratio_manual_vs_torch`` (manual step / torch step). Before
 the timing, the module's loss and every parameter gradient at the shared initial params are
 checked against jbp's hand-written gradient (``torch`` in each point: the largest error per
-parameter, ``ok`` within 1e-3). Without PyTorch, or for a point whose layers have no peer,
-the column shows "—"; ``--peers none`` leaves it out. PyTorch runs with its own thread
+parameter, ``ok`` within 1e-3; where the two float32 gradients differ by more, both are
+judged against jbp's float64 gradient). Without PyTorch, or for a point whose layers have
+no peer, the column shows "—"; ``--peers none`` leaves it out. PyTorch runs with its own thread
 count (one per core) unless ``--torch-threads`` sets it: on a 2-core machine with one core
 busy elsewhere, its two threads waited for each other (an MLP step of 0.5 ms took 24 ms),
 where one thread did not; results.json records the count.
