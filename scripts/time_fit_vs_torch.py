@@ -1,14 +1,14 @@
 """jbp.fit's training step against an eager PyTorch loop on MNIST-1D (the MLP by default).
 
 Times one epoch of the scan that ``jbp.fit`` runs (``jbp.train.make_epoch``: the batches
-gathered on the device, hand-written gradient, Adam) under each XLA:CPU compile setting
-in ``SETTINGS``, and an eager PyTorch epoch of the same network, weights, batches, loss and
-optimizer (``experiments/torch_peer.py``; PyTorch's own threads and one thread). Compiles
+gathered on the device, hand-written gradient, Adam), each from the same params and Adam
+state held on the device (fit never re-creates them between epochs), under each XLA:CPU
+compile setting in ``SETTINGS``, and an eager PyTorch epoch of the same network, weights,
+batches, loss and optimizer (``experiments/torch_peer.py``; PyTorch's own threads and one thread). Compiles
 are timed apart; the contenders run interleaved, one epoch each per round; medians and the
 per-round paired ratio torch / jbp are printed. Needs PyTorch (``pip install -e .[peers]``).
 
-Usage: .venv/bin/python scripts/time_fit_vs_torch.py [--repeats 7] [--batch-size 100]
-       .venv/bin/python scripts/time_fit_vs_torch.py --cnn 32 --repeats 3
+Usage: .venv/bin/python scripts/time_fit_vs_torch.py [--repeats 41] [--batch-size 100]
 """
 
 import argparse
@@ -25,6 +25,7 @@ from jbp import bench, cli
 from jbp.data import load_mnist1d
 from jbp.train import _epoch_plan, make_epoch, make_grad_fn, make_optimizer, make_update
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"  # its folder
 # name -> XLA compile options for the epoch (jax.jit(..., compiler_options=...))
 SETTINGS = {"default": {}, "eigen-1-thread": {"xla_cpu_multi_thread_eigen": False},
             "xnnpack": {"xla_cpu_use_xnnpack": True}, "onednn": {"xla_cpu_use_onednn": True},
@@ -34,17 +35,14 @@ SETTINGS = {"default": {}, "eigen-1-thread": {"xla_cpu_multi_thread_eigen": Fals
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--cnn", type=int, default=None, metavar="C",
-                        help="the MNIST-1D CNN of experiments/mnist1d_models.py with C channels")
     args = parser.parse_args()
-    peer_lib = cli.sibling(Path(__file__).parent.parent / "experiments" / "x.py", "torch_peer")
+    peer_lib = cli.sibling(EXPERIMENTS, "torch_peer")
     torch = peer_lib.torch
     print(cli.device_info(jax.devices()[0]), f"| torch {torch.__version__}")
     data = load_mnist1d()
-    models = cli.sibling(Path(__file__).parent.parent / "experiments" / "x.py", "mnist1d_models")
-    model, in_shape = models.build("cnn", args.cnn) if args.cnn else models.build("mlp")
+    model, in_shape = cli.sibling(EXPERIMENTS, "mnist1d_models").build("mlp")
     loss = jbp.losses.softmax_cross_entropy
     x = jax.device_put(data.x_train.reshape(-1, *in_shape))
     y = jax.device_put(data.y_train)
@@ -54,16 +52,17 @@ def main():
     batches, keys = _epoch_plan(jax.random.key(1), 0, len(x), args.batch_size, n_steps, 0)
     update = make_update(make_grad_fn(model, loss, "manual"), optimizer)
     thunks, compile_s = {}, {}
+    opt_state = optimizer.init(params)  # each timed epoch starts from the same params and state
     for name, options in SETTINGS.items():
         t = time.perf_counter()
         epoch = jax.jit(make_epoch(update), compiler_options=options).lower(
-            params, optimizer.init(params), {}, x, y, batches, keys).compile()
+            params, opt_state, {}, x, y, batches, keys).compile()
         compile_s[name] = time.perf_counter() - t
-        thunks[f"jbp {name}"] = (lambda e: lambda: e(params, optimizer.init(params), {}, x, y,
-                                                      batches, keys)[3])(epoch)
+        thunks[f"jbp {name}"] = (lambda e: lambda: e(params, opt_state, {}, x, y, batches,
+                                                      keys)[3])(epoch)
     peer = peer_lib.peer_of(model, in_shape, params)
     xt, yt = peer_lib.torch_input(peer, x), peer_lib.torch_labels(y)
-    idx = [torch.from_numpy(np.asarray(b)) for b in batches]
+    idx = [torch.from_numpy(np.array(b)) for b in batches]  # writable copies
     default_threads = torch.get_num_threads()
 
     def torch_epoch(threads):
