@@ -233,6 +233,23 @@ def pad_spatial(x, geo: Window, value=0.0):
                                                     (0, 0, 0)])
 
 
+def tap_reader(a, geo: Window):
+    """``(starts, read)`` for a ``lax.scan`` over the kernel taps of ``a (B, *in_size, C)``:
+    ``starts (taps, n)``, the first row each tap reads (``j·d`` per axis), and
+    ``read(start) -> (B, *out_size, C)``, what the tap starting there reads at every output
+    position (:func:`tap_slice` with the tap traced)."""
+    padded = pad_spatial(a, geo)
+    extent = [(m - 1) * s + 1 for m, s in zip(geo.out_size, geo.stride)]
+    every_stride = (slice(None), *(slice(None, None, s) for s in geo.stride), slice(None))
+
+    def read(start):
+        x = lax.dynamic_slice(padded, [0, *start, 0], [a.shape[0], *extent, a.shape[-1]])
+        return x[every_stride]
+
+    starts = jnp.asarray([[j * d for j, d in zip(tap, geo.dilation)] for tap in geo.taps])
+    return starts, read
+
+
 def patches(a, geo: Window):
     """Every output position's patch of ``a (B, *in_size, C)``: ``(B, *out_size, taps·C)``,
     tap-major as ``W (*kernel_size, C, O).reshape(-1, O)`` has its rows (one group)."""
@@ -317,17 +334,12 @@ def kernel_grad_by_taps(a, delta, geo: Window):
     tap_slice(a, j)ᵀ δ``, ``(B·positions, C)ᵀ @ (B·positions, O)``, in a ``lax.scan`` over the
     taps so that one tap's slice of the input is alive at a time (a Python loop let XLA
     hold all of them: 292 MiB against 64 at the layer above)."""
-    padded = pad_spatial(a, geo)
     c, o = a.shape[-1], delta.shape[-1]
     delta = delta.reshape(-1, o)
-    starts = jnp.asarray([[0, *(j * d for j, d in zip(tap, geo.dilation)), 0]
-                          for tap in geo.taps], jnp.int32)  # batch, *spatial, channel
-    extent = [(m - 1) * s + 1 for m, s in zip(geo.out_size, geo.stride)]
+    starts, read = tap_reader(a, geo)
 
     def tap_product(_, start):
-        rows = lax.dynamic_slice(padded, list(start), (padded.shape[0], *extent, c))
-        rows = lax.slice(rows, [0] * rows.ndim, rows.shape, [1, *geo.stride, 1])
-        return None, rows.reshape(-1, c).T @ delta
+        return None, read(start).reshape(-1, c).T @ delta
 
     _, per_tap = lax.scan(tap_product, None, starts)
     return per_tap.reshape(*geo.size, c, o)
@@ -432,16 +444,12 @@ def per_example_sq_norms(a, delta, geo: Window, groups: int, path: str | None = 
         return jnp.sum(g.reshape(batch, -1) ** 2, axis=1) + sq_b
     d = d.reshape(batch, positions, groups, out // groups)
     gram_delta = jnp.einsum("bpgo,bqgo->bgpq", d, d)
-    a_padded = pad_spatial(a, geo)
-    extent = [(m - 1) * s + 1 for m, s in zip(geo.out_size, geo.stride)]
-    every_stride = (slice(None), *(slice(None, None, s) for s in geo.stride), slice(None))
+    starts, read = tap_reader(a, geo)
 
-    def add_tap(gram, start):  # start: (n,), the first row tap j reads, j·d per axis
-        x = lax.dynamic_slice(a_padded, [0, *start, 0], [batch, *extent, a.shape[-1]])
-        x = x[every_stride].reshape(batch, positions, groups, -1)  # X_j, (B, P, G, C/G)
+    def add_tap(gram, start):
+        x = read(start).reshape(batch, positions, groups, -1)  # X_j, (B, P, G, C/G)
         return gram + jnp.einsum("bpgc,bqgc->bgpq", x, x), None
 
-    starts = jnp.asarray([[j * d for j, d in zip(tap, geo.dilation)] for tap in geo.taps])
     zeros = jnp.zeros((batch, groups, positions, positions), a.dtype)
     gram_input, _ = lax.scan(add_tap, zeros, starts)
     terms = gram_input * gram_delta
