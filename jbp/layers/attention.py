@@ -159,6 +159,12 @@ def _scores(q, k_j, j, block: int, t_k: int, causal: bool, key_mask_j=None, mask
     return jnp.where(keep, s, -jnp.inf)
 
 
+def _by_pairs(causal: bool, q, k, block: int) -> bool:
+    """Whether the core runs :func:`causal_core`'s scan over the block pairs at or below the
+    diagonal: causal self-attention (as many queries as keys) of more than one block."""
+    return causal and q.shape[2] == k.shape[2] > block
+
+
 def _finite_max(m):
     """``m`` with the max of a row that has seen no key yet (−∞) taken as 0, so that
     ``exp(s − m)`` is 0 there rather than NaN (only where a mask can empty a row)."""
@@ -172,7 +178,7 @@ def attention_core(q, k, v, *, causal: bool, block: int, key_mask=None, mask=Non
     where a key is masked; a row with every key masked gives ``o = 0`` (and ``m = −∞``,
     ``l = 0``)."""
     t = k.shape[2]
-    if causal and q.shape[2] == t and t > block:
+    if _by_pairs(causal, q, k, block):
         return causal_core(q, k, v, block=block, key_mask=key_mask, mask=mask)
     block, n_blocks = _blocking(t, block)
     masked = key_mask is not None or mask is not None
@@ -214,7 +220,7 @@ def attention_core_backward(q, k, v, o, m, l, do, *, causal: bool, block: int, k
         m, l = _finite_max(m), jnp.where(l == 0, 1, l)  # an empty row's s − m stays −∞
     log_l = jnp.log(l)[..., None]
     one_hot = (l == 1)[..., None]  # rows whose softmax is one-hot to working precision
-    if causal and q.shape[2] == t and t > block:
+    if _by_pairs(causal, q, k, block):
         return causal_core_backward(q, k, v, D, m[..., None], log_l, one_hot, do, block=block,
                                     key_mask=key_mask, mask=mask)
 
