@@ -366,11 +366,12 @@ def torch_step(module: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -
 
 
 def _leaf_errors(got: dict, want: dict, rms: float) -> dict:
-    """``max|got − want| / max(max|want|, rms)`` per parameter (inf: missing or misshapen)."""
+    """``max|got − want| / max(max|want|, rms)`` per parameter named on either side (inf:
+    missing from one, or misshapen)."""
     errors = {}
-    for name, ref in want.items():
-        g = got.get(name)
-        if g is None or g.shape != ref.shape:
+    for name in want.keys() | got.keys():
+        g, ref = got.get(name), want.get(name)
+        if g is None or ref is None or g.shape != ref.shape:
             errors[name] = math.inf
             continue
         scale = max(float(np.abs(ref).max()), rms, np.finfo(np.float32).tiny)
@@ -408,16 +409,13 @@ def agreement(peer: Peer, x: torch.Tensor, y: torch.Tensor, loss_jbp, grads_jbp,
     rms = math.sqrt(sum(float(np.sum(v * v)) for v in want.values())
                     / max(sum(v.size for v in want.values()), 1))
     floored = [k for k, v in want.items() if float(np.abs(v).max()) < rms]
-    errors = _leaf_errors(got, want, rms)
-    errors.update({k: math.inf for k in got if k not in want})
-    bounds = dict.fromkeys(errors, rtol)
-    exact = None
-    if grads_exact is not None:
+    if grads_exact is None:
+        errors = _leaf_errors(got, want, rms)
+        bounds, exact = dict.fromkeys(errors, rtol), None
+    else:
         truth = {k: v.astype(np.float64)
                  for k, v in peer.to_torch(grads_exact, grads=True).items()}
-        errors = _leaf_errors(got, truth, rms)
-        errors.update({k: math.inf for k in got if k not in truth})
-        jbp_errors = _leaf_errors(want, truth, rms)
+        errors, jbp_errors = _leaf_errors(got, truth, rms), _leaf_errors(want, truth, rms)
         bounds = {k: max(rtol, 10 * jbp_errors.get(k, 0.0)) for k in errors}
         exact = {"torch_max_err": max(errors.values()), "jbp_max_err": max(jbp_errors.values())}
     loss_jbp, loss_torch = float(loss_jbp), float(loss.item())
