@@ -712,7 +712,8 @@ def main(argv=None):
                    "points": args.points,
                    "seed": args.seed,
                    "quick": args.quick, "budget_s": args.budget,
-                   "xla_options": {args.xla_options: bench.XLA_OPTIONS[args.xla_options]}, "peers": args.peers,
+                   "xla_options": {args.xla_options: bench.XLA_OPTIONS[args.xla_options]},
+                   "peers": args.peers,
                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                    "n_classes": N_CLASSES, "optimizer": "optax.adam(1e-3)",
                    "dtype": "float32", "step_donates": "params, opt_state",
@@ -818,10 +819,11 @@ def markdown(results) -> str:
                      f"{torch_ratio} | {torch_err} | "
                      f"{p['gflops']['manual_step']:.1f} | {p['step_vs_matmul']['manual']:.2f} | "
                      f"{mem} |")
-    if peers_line(results.get("peers", {})):
-        lines += ["", peers_line(results["peers"])]
-    if reference_lines(results["points"]):
-        lines += [""] + reference_lines(results["points"])
+    peers, references = peers_line(results.get("peers", {})), reference_lines(results["points"])
+    if peers:
+        lines += ["", peers]
+    if references:
+        lines += [""] + references
     for family, s in results["summary"].items():
         lines += [""] + summary_lines(family, s, peak)
     return "\n".join(lines) + "\n"
@@ -841,9 +843,9 @@ def print_table(points, summary, peak, peers=None):
               f"{torch_ratio:>10}"
               f"{p['gflops']['manual_step']:>9.1f}{temp_mib(p, 'manual_step'):>13.2f}"
               f"{temp_mib(p, 'autodiff_step'):>14.2f}")
-    if peers_line(peers or {}):
-        print(peers_line(peers))
-    print(*reference_lines(points), sep="\n")
+    for line in (peers_line(peers or {}), *reference_lines(points)):
+        if line:
+            print(line)
     for family, s in summary.items():
         print(*summary_lines(family, s, peak))
 
