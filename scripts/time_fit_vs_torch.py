@@ -14,7 +14,6 @@ Usage: .venv/bin/python scripts/time_fit_vs_torch.py [--repeats 41] [--batch-siz
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,7 +28,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.p
 # name -> XLA compile options for the epoch (jax.jit(..., compiler_options=...))
 SETTINGS = {"default": {}, "eigen-1-thread": {"xla_cpu_multi_thread_eigen": False},
             "xnnpack": {"xla_cpu_use_xnnpack": True}, "onednn": {"xla_cpu_use_onednn": True},
-            "ynn-eltwise": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"},
+            "ynn-eltwise": bench.XLA_OPTIONS["ynn"],
             "ynn-dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}
 
 
@@ -54,10 +53,9 @@ def main():
     thunks, compile_s = {}, {}
     opt_state = optimizer.init(params)  # each timed epoch starts from the same params and state
     for name, options in SETTINGS.items():
-        t = time.perf_counter()
-        epoch = jax.jit(make_epoch(update), compiler_options=options).lower(
-            params, opt_state, {}, x, y, batches, keys).compile()
-        compile_s[name] = time.perf_counter() - t
+        epoch, compile_s[name] = bench.compile_timed(make_epoch(update), params, opt_state, {},
+                                                     x, y, batches, keys,
+                                                     compiler_options=options)
         thunks[f"jbp {name}"] = (lambda e: lambda: e(params, opt_state, {}, x, y, batches,
                                                       keys)[3])(epoch)
     peer = peer_lib.peer_of(model, in_shape, params)
